@@ -1,0 +1,397 @@
+"""One typed configuration tree for a run, the method presets, and validated overrides.
+
+Why one tree: the resolved config is printed at start, saved with the run and compared on
+resume, so every knob that changes results lives here, with its default visible, and nothing
+is read from the environment behind the user's back. Overrides (`--set a.b=v`, a TOML file)
+are checked against the tree: an unknown key or a bad value is an error listing what is valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+
+class ConfigError(ValueError):
+    """A configuration key or value the user gave is not valid; the message says what is."""
+
+
+@dataclass
+class SyntheticDataConfig:
+    """The embedded default dataset (data_pipeline.synthetic); built once and cached."""
+
+    num_identities: int = 200
+    images_per_identity: int = 20
+    holdout_identities: int = 100
+    num_pairs: int = 1000
+    difficulty: float = 0.5
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    path: str | None = None
+    """Directory with train.rec/train.idx/property (insightface layout). None: synthetic default."""
+    batch_size: int = 128
+    """Images per rank per step (the global batch is batch_size × world size)."""
+    num_threads: int = 2
+    """DALI CPU threads per rank."""
+    shuffle_buffer: int = 16384
+    """DALI reader `initial_fill`: the size of the random shuffle buffer."""
+    last_batch: Literal["drop", "pad"] = "drop"
+    cache_dir: str = "~/.cache/fr_train"
+    """Where the synthetic default is built and cached."""
+    synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
+
+
+@dataclass
+class BackboneConfig:
+    name: str = "r50"
+    embedding_size: int = 512
+    dropout: float = 0.0
+
+
+@dataclass
+class HeadConfig:
+    """The sharded prototype head (DESIGN.md, "The sharded head") and its margin."""
+
+    margin: Literal["softmax", "sphereface", "cosface", "arcface", "combined"] = "arcface"
+    s: float = 64.0
+    m1: float = 1.0
+    m2: float = 0.5
+    m3: float = 0.0
+    sample_rate: float = 1.0
+    vpl: bool = False
+    vpl_lambda: float = 0.15
+    vpl_delta_t: int = 200
+    vpl_start_iter: int = 8000
+    """Iteration after which VPL injects memory; scale it down for short runs."""
+    storage_dtype: Literal["float32", "bfloat16"] = "float32"
+    """bf16 storage of prototypes and memory fits ~2x more classes per GPU."""
+    seed: int = 1234
+    """Seed of the negative sampler (offset by rank)."""
+
+
+@dataclass
+class OptimizerConfig:
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 0.1
+    """Learning rate at `base_batch` global batch; scaled linearly to the actual global batch."""
+    base_batch: int = 1024
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    clip_grad_norm: float = 5.0
+    """Backbone gradient clipping (0 disables)."""
+
+
+@dataclass
+class ScheduleConfig:
+    epochs: int = 20
+    max_steps: int = 0
+    """Stop after this many steps (0: run `epochs` epochs)."""
+    warmup_steps: int = 0
+    power: float = 1.0
+    """Polynomial decay power after warmup (insightface: 1, linear)."""
+
+
+@dataclass
+class EvalConfig:
+    every_steps: int = 2000
+    """Evaluate every N steps (0: only at the end)."""
+    sets: list[str] = field(default_factory=list)
+    """Names (looked up as DATA/NAME.bin) or paths of .bin verification sets; empty: the
+    dataset's own `*.bin` files (the synthetic default ships `synth_val.bin`)."""
+    batch_size: int = 64
+
+
+@dataclass
+class RunSettings:
+    name: str = ""
+    """Run name (Ray Train run name); empty: derived from backbone, method and a timestamp."""
+    storage: str = "~/fr_train_runs"
+    num_workers: int = 0
+    """Ray Train workers (one per GPU); 0: all GPUs of the cluster, or 2 CPU workers without GPUs."""
+    use_gpu: Literal["auto", "yes", "no"] = "auto"
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """auto: bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU."""
+    zero_stage: int = 0
+    grad_accum: int = 1
+    seed: int = 0
+    log_every: int = 10
+    max_failures: int = 3
+    cpus_per_worker: int = 1
+
+
+@dataclass
+class MetricsConfig:
+    pushgateway: str = ""
+    """Pushgateway URL, e.g. http://127.0.0.1:9091 (empty: no push)."""
+    port: int = 0
+    """Serve /metrics on port+rank (0: no server)."""
+    bind: str = "127.0.0.1"
+    push_interval: float = 5.0
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 1000
+    every_minutes: float = 30.0
+    keep: int = 3
+    resume: str = "auto"
+    """auto: resume the run of the same name if it has a checkpoint; never; or a checkpoint path."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a run; `method` names the preset it was built from."""
+
+    method: str = "arcface"
+    data: DataConfig = field(default_factory=DataConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunSettings = field(default_factory=RunSettings)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        cfg = cls()
+        apply_mapping(cfg, data)
+        validate(cfg)
+        return cfg
+
+
+# Method presets: one table. A preset sets the head (margin, VPL) and nothing else, so that
+# `--set` overrides compose with it predictably. Values follow the papers' published defaults.
+METHODS: dict[str, tuple[str, dict[str, Any]]] = {
+    "softmax": ("plain softmax cross-entropy over a linear layer (no normalisation)",
+                {"head.margin": "softmax", "head.s": 1.0, "head.m1": 1.0, "head.m2": 0.0, "head.m3": 0.0}),
+    "sphereface": ("SphereFace: multiplicative angular margin cos(m1·θ), m1=1.7, with the monotone ψ",
+                   {"head.margin": "sphereface", "head.s": 64.0, "head.m1": 1.7, "head.m2": 0.0,
+                    "head.m3": 0.0}),
+    "cosface": ("CosFace: additive cosine margin s·(cos θ − 0.4)",
+                {"head.margin": "cosface", "head.s": 64.0, "head.m1": 1.0, "head.m2": 0.0, "head.m3": 0.4}),
+    "arcface": ("ArcFace: additive angular margin s·cos(θ + 0.5)",
+                {"head.margin": "arcface", "head.s": 64.0, "head.m1": 1.0, "head.m2": 0.5, "head.m3": 0.0}),
+    "combined": ("combined margin s·(cos(m1·θ + m2) − m3) = (1, 0.3, 0.2) as in insightface",
+                 {"head.margin": "combined", "head.s": 64.0, "head.m1": 1.0, "head.m2": 0.3,
+                  "head.m3": 0.2}),
+    "vpl": ("VPL (Deng et al. 2021): ArcFace with variational prototypes from a sharded memory bank",
+            {"head.margin": "arcface", "head.s": 64.0, "head.m1": 1.0, "head.m2": 0.5, "head.m3": 0.0,
+             "head.vpl": True}),
+}
+
+
+def build_config(
+    backbone: str,
+    method: str,
+    config_file: str | Path | None = None,
+    overrides: list[str] | None = None,
+) -> TrainConfig:
+    """Defaults ← method preset ← TOML file ← `--set key=value` overrides, then validation."""
+    if method not in METHODS:
+        raise ConfigError(f"unknown method {method!r}; valid methods: {', '.join(METHODS)}")
+    cfg = TrainConfig(method=method)
+    cfg.backbone.name = backbone
+    for key, value in METHODS[method][1].items():
+        set_value(cfg, key, value)
+    if config_file is not None:
+        path = Path(config_file)
+        try:
+            data = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+        apply_mapping(cfg, data, source=str(path))
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. head.sample_rate=0.1)")
+        set_value(cfg, key.strip(), parse_value(cfg, key.strip(), raw.strip()))
+    validate(cfg)
+    return cfg
+
+
+def valid_keys(obj: Any = None, prefix: str = "") -> list[str]:
+    """Every settable dotted key of the tree (for error messages and `fr_train list`)."""
+    obj = TrainConfig() if obj is None else obj
+    keys: list[str] = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            keys.extend(valid_keys(value, f"{prefix}{f.name}."))
+        else:
+            keys.append(f"{prefix}{f.name}")
+    return keys
+
+
+def _field_type(owner: Any, name: str) -> Any:
+    hints = typing.get_type_hints(type(owner))
+    return hints[name]
+
+
+def _resolve(cfg: TrainConfig, key: str) -> tuple[Any, str]:
+    parts = key.split(".")
+    owner: Any = cfg
+    for i, part in enumerate(parts):
+        names = {f.name for f in dataclasses.fields(owner)}
+        if part not in names:
+            raise ConfigError(f"unknown config key {key!r}; valid keys: {', '.join(valid_keys(cfg))}")
+        if i == len(parts) - 1:
+            if dataclasses.is_dataclass(getattr(owner, part)):
+                raise ConfigError(f"{key!r} is a section; set one of its keys: "
+                                  f"{', '.join(valid_keys(getattr(owner, part), key + '.'))}")
+            return owner, part
+        owner = getattr(owner, part)
+        if not dataclasses.is_dataclass(owner):
+            raise ConfigError(f"unknown config key {key!r}; valid keys: {', '.join(valid_keys(cfg))}")
+    raise ConfigError(f"empty config key {key!r}")
+
+
+def parse_value(cfg: TrainConfig, key: str, raw: str) -> Any:
+    """Parse a command-line string into the type the field declares."""
+    owner, name = _resolve(cfg, key)
+    return _coerce(_field_type(owner, name), raw, key)
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("", "none", "null")):
+            if type(None) in args:
+                return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError("; ".join(errors))
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if origin is list:
+        (item_tp,) = args
+        if isinstance(value, str):
+            value = [v for v in (s.strip() for s in value.split(",")) if v]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(item_tp, v, key) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        try:
+            f = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+        if not f.is_integer():
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return int(f)
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported field type {tp!r}")
+
+
+def set_value(cfg: TrainConfig, key: str, value: Any) -> None:
+    owner, name = _resolve(cfg, key)
+    setattr(owner, name, _coerce(_field_type(owner, name), value, key))
+
+
+def apply_mapping(cfg: TrainConfig, data: dict[str, Any], source: str = "config", prefix: str = "") -> None:
+    """Apply a nested mapping (TOML or a saved config) onto the tree, key by key."""
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            apply_mapping(cfg, v, source, key + ".")
+        else:
+            try:
+                set_value(cfg, key, v)
+            except ConfigError as exc:
+                raise ConfigError(f"{source}: {exc}") from None
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Ranges and cross-field rules; every message names the key and the valid range."""
+    from fr_train.backbones import BACKBONES  # local: backbones import torch
+
+    _check(cfg.method in METHODS, "method", f"must be one of {', '.join(METHODS)}")
+    _check(cfg.backbone.name in BACKBONES, "backbone.name", f"must be one of {', '.join(BACKBONES)}")
+    _check(cfg.backbone.embedding_size > 0, "backbone.embedding_size", "must be > 0")
+    _check(0.0 <= cfg.backbone.dropout < 1.0, "backbone.dropout", "must be in [0, 1)")
+    _check(cfg.data.batch_size > 0, "data.batch_size", "must be > 0")
+    _check(cfg.data.num_threads > 0, "data.num_threads", "must be > 0")
+    _check(cfg.data.shuffle_buffer >= 0, "data.shuffle_buffer", "must be >= 0")
+    _check(0.0 <= cfg.data.synthetic.difficulty <= 1.0, "data.synthetic.difficulty", "must be in [0, 1]")
+    _check(cfg.data.synthetic.num_identities >= 2, "data.synthetic.num_identities", "must be >= 2")
+    _check(cfg.data.synthetic.images_per_identity >= 2, "data.synthetic.images_per_identity", "must be >= 2")
+    _check(0.0 < cfg.head.sample_rate <= 1.0, "head.sample_rate", "must be in (0, 1]")
+    _check(cfg.head.s > 0, "head.s", "must be > 0")
+    _check(cfg.head.m1 >= 1.0, "head.m1", "must be >= 1 (1 = no multiplicative margin)")
+    _check(0.0 <= cfg.head.m2 < 3.14159, "head.m2", "must be in [0, π)")
+    _check(0.0 <= cfg.head.m3 < 1.0, "head.m3", "must be in [0, 1)")
+    _check(0.0 <= cfg.head.vpl_lambda <= 1.0, "head.vpl_lambda", "must be in [0, 1]")
+    _check(cfg.head.vpl_delta_t >= 0, "head.vpl_delta_t", "must be >= 0")
+    _check(cfg.head.vpl_start_iter >= 0, "head.vpl_start_iter", "must be >= 0")
+    _check(not (cfg.head.vpl and cfg.head.margin == "softmax"), "head.vpl",
+           "VPL needs a normalised (margin) head, not plain softmax")
+    _check(cfg.optimizer.lr > 0, "optimizer.lr", "must be > 0")
+    _check(cfg.optimizer.base_batch > 0, "optimizer.base_batch", "must be > 0")
+    _check(0.0 <= cfg.optimizer.momentum < 1.0, "optimizer.momentum", "must be in [0, 1)")
+    _check(cfg.optimizer.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0")
+    _check(cfg.optimizer.clip_grad_norm >= 0, "optimizer.clip_grad_norm", "must be >= 0 (0 disables)")
+    _check(cfg.schedule.epochs > 0, "schedule.epochs", "must be > 0")
+    _check(cfg.schedule.max_steps >= 0, "schedule.max_steps", "must be >= 0 (0: run all epochs)")
+    _check(cfg.schedule.warmup_steps >= 0, "schedule.warmup_steps", "must be >= 0")
+    _check(cfg.schedule.power >= 0, "schedule.power", "must be >= 0")
+    _check(cfg.eval.every_steps >= 0, "eval.every_steps", "must be >= 0")
+    _check(cfg.eval.batch_size > 0, "eval.batch_size", "must be > 0")
+    _check(cfg.run.num_workers >= 0, "run.num_workers", "must be >= 0 (0: automatic)")
+    _check(cfg.run.zero_stage in (0, 1, 2), "run.zero_stage", "must be 0, 1 or 2 (the head is model-parallel)")
+    _check(cfg.run.grad_accum >= 1, "run.grad_accum", "must be >= 1")
+    _check(cfg.run.log_every >= 1, "run.log_every", "must be >= 1")
+    _check(cfg.run.max_failures >= 0, "run.max_failures", "must be >= 0")
+    _check(cfg.run.cpus_per_worker >= 1, "run.cpus_per_worker", "must be >= 1")
+    _check(cfg.metrics.push_interval > 0, "metrics.push_interval", "must be > 0")
+    _check(0 <= cfg.metrics.port < 65536, "metrics.port", "must be a port number (0: off)")
+    _check(cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps", "must be >= 0 (0: off)")
+    _check(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")

@@ -1,0 +1,53 @@
+"""`fr_eval MODEL --bin SET.bin [...]`: verification accuracy and TAR@FAR of a saved backbone."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="fr_eval", description="Evaluate a saved fr_train backbone on .bin "
+                                "verification sets (LFW 10-fold protocol with flip, TAR@FAR).")
+    p.add_argument("model", help="a run's final/ directory (backbone.safetensors + config.json) or the "
+                   "safetensors file itself (then --backbone is required)")
+    p.add_argument("--bin", dest="bins", action="append", required=True, help=".bin set (repeatable)")
+    p.add_argument("--backbone", default=None, help="backbone name when MODEL has no config.json beside it")
+    p.add_argument("--embedding-size", type=int, default=None)
+    p.add_argument("--image-size", type=int, default=112)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+
+    from fr_train.backbones import build_backbone
+    from fr_train.evaluation.runner import evaluate_verification, load_verification_set
+    from fr_train.export import load_backbone_weights
+
+    model_path = Path(args.model)
+    weights = model_path / "backbone.safetensors" if model_path.is_dir() else model_path
+    cfg_path = weights.parent / "config.json"
+    name, emb = args.backbone, args.embedding_size
+    if cfg_path.is_file():
+        saved = json.loads(cfg_path.read_text())
+        name = name or saved["backbone"]["name"]
+        emb = emb or saved["backbone"]["embedding_size"]
+    if name is None:
+        print(f"fr_eval: no config.json beside {weights}; pass --backbone", file=sys.stderr)
+        return 2
+    model = build_backbone(name, embedding_size=emb or 512)
+    model.load_state_dict(load_backbone_weights(weights))
+    device = torch.device(args.device)
+    model.to(device).eval()
+    for b in args.bins:
+        vs = load_verification_set(b, (args.image_size, args.image_size))
+        r = evaluate_verification(model, vs, args.batch_size, device)
+        print(json.dumps({"set": vs.name, **r}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

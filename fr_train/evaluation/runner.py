@@ -1,0 +1,85 @@
+"""Embed a `.bin` verification set with a backbone and score it (LFW protocol, TAR@FAR).
+
+Images are decoded once into a uint8 tensor; each evaluation embeds the images and their
+horizontal flips, sums and L2-normalises (insightface's test-time augmentation).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from data_pipeline.binset import decode_image, read_bin
+from fr_train.evaluation.verification import combine_flip, evaluate_embeddings
+
+
+@dataclass
+class VerificationSet:
+    name: str
+    path: Path
+    images: torch.Tensor  # [2N, 3, H, W] uint8, RGB
+    issame: np.ndarray  # [N] bool
+
+
+def find_eval_sets(data_dir: Path, names: list[str]) -> list[Path]:
+    """Resolve `eval.sets`: paths as given, bare names as DATA/NAME.bin; empty: every DATA/*.bin."""
+    if not names:
+        return sorted(Path(data_dir).glob("*.bin"))
+    out = []
+    for name in names:
+        p = Path(name).expanduser()
+        if not p.suffix:
+            p = Path(data_dir) / f"{name}.bin"
+        if not p.is_file():
+            raise FileNotFoundError(f"verification set {name!r} not found at {p} (eval.sets takes .bin paths or "
+                                    f"names of .bin files in the dataset directory {data_dir})")
+        out.append(p)
+    return out
+
+
+def load_verification_set(path: str | Path, image_size: tuple[int, int]) -> VerificationSet:
+    from PIL import Image
+
+    path = Path(path)
+    images, issame = read_bin(path)
+    arrays = []
+    for i, data in enumerate(images):
+        arr = decode_image(data, source=path, index=i)
+        if arr.shape[:2] != tuple(image_size):
+            arr = np.asarray(Image.fromarray(arr).resize((image_size[1], image_size[0]), Image.BILINEAR))
+        arrays.append(arr)
+    tensor = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    return VerificationSet(name=path.stem, path=path, images=tensor, issame=np.asarray(issame, dtype=bool))
+
+
+@torch.no_grad()
+def embed_images(model: torch.nn.Module, images: torch.Tensor, batch_size: int, device: torch.device) -> np.ndarray:
+    """Flip-augmented, L2-normalised embeddings of uint8 images, in the model's own dtype."""
+    dtype = next(model.parameters()).dtype
+    outs, outs_flip = [], []
+    for start in range(0, images.shape[0], batch_size):
+        x = images[start:start + batch_size].to(device=device, dtype=torch.float32)
+        x = ((x - 127.5) / 127.5).to(dtype)
+        outs.append(model(x).float().cpu())
+        outs_flip.append(model(torch.flip(x, dims=[3])).float().cpu())
+    return combine_flip(torch.cat(outs).numpy(), torch.cat(outs_flip).numpy())
+
+
+def evaluate_verification(model: torch.nn.Module, vs: VerificationSet, batch_size: int,
+                          device: torch.device) -> dict[str, Any]:
+    was_training = model.training
+    model.eval()
+    try:
+        emb = embed_images(model, vs.images, batch_size, device)
+    finally:
+        model.train(was_training)
+    r = evaluate_embeddings(emb, vs.issame)
+    out: dict[str, Any] = {"accuracy": r.accuracy, "accuracy_std": r.accuracy_std, "threshold": r.threshold,
+                           "val_at_far_1e-3": r.val_at_far_1e3}
+    for far, tar in sorted(r.tar_at_far.items()):
+        out[f"tar_at_far_{far:g}"] = tar
+    return out

@@ -1,0 +1,390 @@
+"""The training loop of one rank: data → backbone (DeepSpeed, data-parallel) → sharded head → step.
+
+`train_loop` is what Ray Train runs on every worker; `Trainer` is the same loop without Ray
+(torch.distributed already initialised, or a single process), so tests can drive it directly.
+
+Gradient contract (see fr_train/heads): the head returns the GLOBAL mean loss, identical on
+every rank, and back-propagates into each rank's embeddings exactly d(global loss)/d(local
+embeddings). The backbone gradient of rank r is then rank r's share of the full gradient; the
+shares sum to d(global loss)/dθ. DeepSpeed AVERAGES gradients over the W data-parallel ranks,
+so the loss handed to `engine.backward` is multiplied by W: after averaging, every rank holds
+exactly d(global mean loss)/dθ, the same objective as one process on the whole global batch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from fr_train.config import TrainConfig
+from fr_train.schedule import PolySchedule, scaled_lr
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN/inf; raised on every rank together (the loss is the same everywhere)."""
+
+
+@dataclass
+class StepTimes:
+    """Wall-clock parts of one step, for the progress log and the metrics."""
+
+    data: float = 0.0
+    forward: float = 0.0
+    backward: float = 0.0
+    optimizer: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return self.data + self.forward + self.backward + self.optimizer
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    epoch: int = 0
+    samples_seen: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def resolve_precision(cfg: TrainConfig, device: torch.device) -> str:
+    if cfg.run.precision != "auto":
+        if device.type == "cpu" and cfg.run.precision != "fp32":
+            raise ValueError(f"run.precision={cfg.run.precision} needs a GPU; use fp32 (or auto) on CPU")
+        return cfg.run.precision
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def deepspeed_config(cfg: TrainConfig, precision: str, lr: float) -> dict[str, Any]:
+    ds: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "gradient_accumulation_steps": cfg.run.grad_accum,
+        "gradient_clipping": cfg.optimizer.clip_grad_norm,
+        "zero_optimization": {"stage": cfg.run.zero_stage},
+        # Our SGD is a plain torch optimizer: DeepSpeed's ZeRO refuses it without this flag.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if precision == "bf16":
+        ds["bf16"] = {"enabled": True}
+    elif precision == "fp16":
+        ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
+    return ds
+
+
+class Trainer:
+    """Owns one rank's data iterator, DeepSpeed engine, sharded head and its optimizer."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        rank: int,
+        world: int,
+        device: torch.device,
+        report: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
+        self.report = report or (lambda metrics: None)
+        self.precision = resolve_precision(cfg, device)
+        self.state = TrainState()
+        self.stop_requested = False
+        self.run_dir = Path(cfg.run.storage).expanduser() / cfg.run.name
+        self.log_path = self.run_dir / "train_log.jsonl"
+        if rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.json").write_text(cfg.to_json())
+        self._build()
+
+    # ------------------------------------------------------------------ construction
+    def _build(self) -> None:
+        import deepspeed
+
+        from data_pipeline.dali import DaliFaceIterator
+        from data_pipeline.dataset import open_dataset
+        from fr_train.backbones import build_backbone
+        from fr_train.backbones.flops import count_flops
+        from fr_train.heads import VPLConfig, build_margin, PartialFC
+
+        cfg = self.cfg
+        data_dir = Path(cfg.data.path or "")
+        dataset = open_dataset(data_dir)
+        self.num_classes = dataset.num_classes
+        self.image_size = dataset.image_size
+        self.data = DaliFaceIterator(
+            data_dir,
+            batch_size=cfg.data.batch_size,
+            shard_id=self.rank,
+            num_shards=self.world,
+            num_threads=cfg.data.num_threads,
+            device_id=self.device.index if self.device.type == "cuda" else None,
+            seed=cfg.run.seed,
+            initial_fill=cfg.data.shuffle_buffer,
+            last_batch=cfg.data.last_batch,
+        )
+        self.steps_per_epoch = len(self.data)
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"data.batch_size={cfg.data.batch_size} × {self.world} ranks is larger than the dataset "
+                f"{data_dir} ({len(dataset)} images): lower data.batch_size"
+            )
+        self.total_steps = cfg.schedule.max_steps or cfg.schedule.epochs * self.steps_per_epoch
+        self.global_batch = cfg.data.batch_size * self.world * cfg.run.grad_accum
+        base_lr = scaled_lr(cfg.optimizer.lr, self.global_batch, cfg.optimizer.base_batch)
+        self.schedule = PolySchedule(base_lr, self.total_steps, min(cfg.schedule.warmup_steps, self.total_steps),
+                                     cfg.schedule.power)
+
+        # Identical initial backbone on every rank (DeepSpeed also broadcasts rank 0's weights).
+        seed_everything(cfg.run.seed)
+        backbone = build_backbone(cfg.backbone.name, embedding_size=cfg.backbone.embedding_size,
+                                  dropout=cfg.backbone.dropout)
+        self.backbone_flops = count_flops(backbone, (1, 3, *self.image_size))
+        if self.device.type == "cuda":
+            backbone = backbone.to(self.device, memory_format=torch.channels_last)
+        opt = self._backbone_optimizer(backbone, base_lr)
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=backbone, optimizer=opt, config=deepspeed_config(cfg, self.precision, base_lr),
+            dist_init_required=False,
+        )
+        # Each rank draws different negatives: offset the head's sampler seed by rank.
+        seed_everything(cfg.run.seed + 1000 * self.rank + 1)
+        h = cfg.head
+        vpl = VPLConfig(lambda_=h.vpl_lambda, delta_t=h.vpl_delta_t, start_iter=h.vpl_start_iter) if h.vpl else None
+        self.head = PartialFC(
+            self.num_classes, cfg.backbone.embedding_size, build_margin(h.margin, s=h.s, m1=h.m1, m2=h.m2, m3=h.m3),
+            sample_rate=h.sample_rate, vpl=vpl, seed=h.seed,
+            storage_dtype=getattr(torch, h.storage_dtype),
+        ).to(self.device)
+        self.head_optimizer = self.head.make_optimizer(
+            kind=cfg.optimizer.name, lr=base_lr, momentum=cfg.optimizer.momentum,
+            weight_decay=cfg.optimizer.weight_decay,
+        )
+        self.eval_sets = self._load_eval_sets(data_dir) if self.rank == 0 else []
+
+    def _backbone_optimizer(self, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
+        o = self.cfg.optimizer
+        params = [p for p in model.parameters() if p.requires_grad]
+        if o.name == "sgd":
+            return torch.optim.SGD(params, lr=lr, momentum=o.momentum, weight_decay=o.weight_decay)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=o.weight_decay)
+
+    def _load_eval_sets(self, data_dir: Path) -> list[Any]:
+        from fr_train.evaluation.runner import find_eval_sets, load_verification_set
+
+        paths = find_eval_sets(data_dir, self.cfg.eval.sets)
+        return [load_verification_set(p, self.image_size) for p in paths]
+
+    # ------------------------------------------------------------------ the loop
+    def set_lr(self, lr: float) -> None:
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+        self.head_optimizer.set_lr(lr)
+
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor, times: StepTimes) -> float:
+        t0 = time.perf_counter()
+        if self.device.type == "cuda":
+            images = images.contiguous(memory_format=torch.channels_last)
+        embeddings = self.engine(images)
+        loss = self.head(embeddings.float(), labels)
+        self._sync()
+        t1 = time.perf_counter()
+        loss_value = float(loss.detach())
+        if not math.isfinite(loss_value):
+            raise NonFiniteLossError(
+                f"loss is {loss_value} at step {self.state.step} (epoch {self.state.epoch}) of run "
+                f"{self.cfg.run.name}: lower optimizer.lr (now {self.schedule.base_lr:g} after scaling), "
+                "add warmup (schedule.warmup_steps) or check the data; the last checkpoint is intact"
+            )
+        # ×W: DeepSpeed averages the data-parallel gradients (module docstring).
+        self.engine.backward(loss * self.world)
+        self._sync()
+        t2 = time.perf_counter()
+        self.engine.step()
+        self.head_optimizer.step()
+        self.head_optimizer.zero_grad()
+        self._sync()
+        t3 = time.perf_counter()
+        times.forward, times.backward, times.optimizer = t1 - t0, t2 - t1, t3 - t2
+        return loss_value
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def fit(self) -> TrainState:
+        cfg, st = self.cfg, self.state
+        self._log_start()
+        progress = self._progress_bar()
+        last_eval: dict[str, Any] = {}
+        window_start, window_images = time.perf_counter(), 0
+        while st.step < self.total_steps and not self.stop_requested:
+            self.engine.train()
+            self.head.train()
+            t_data = time.perf_counter()
+            for images, labels in self.data:
+                times = StepTimes(data=time.perf_counter() - t_data)
+                self.set_lr(self.schedule.lr(st.step))
+                loss = self.train_step(images, labels, times)
+                st.step += 1
+                st.samples_seen += self.global_batch
+                window_images += self.global_batch
+                if st.step % cfg.run.log_every == 0 or st.step == self.total_steps:
+                    elapsed = time.perf_counter() - window_start
+                    record = self._record(loss, times, window_images / max(elapsed, 1e-9))
+                    window_start, window_images = time.perf_counter(), 0
+                    self._emit(record, progress)
+                if cfg.eval.every_steps and st.step % cfg.eval.every_steps == 0 and st.step < self.total_steps:
+                    last_eval = self.evaluate()
+                if st.step >= self.total_steps or self.stop_requested:
+                    break
+                t_data = time.perf_counter()
+            else:
+                st.epoch += 1
+                self.data.reset()
+        if progress is not None:
+            progress.close()
+        last_eval = self.evaluate()
+        self._finish(last_eval)
+        return st
+
+    # ------------------------------------------------------------------ logging / eval / end
+    def _record(self, loss: float, times: StepTimes, images_per_s: float) -> dict[str, Any]:
+        rec = {
+            "step": self.state.step,
+            "epoch": self.state.epoch,
+            "loss": round(loss, 6),
+            "lr": self.schedule.lr(self.state.step - 1),
+            "images_per_s": round(images_per_s, 2),
+            "step_time_s": round(times.total, 4),
+            "data_s": round(times.data, 4),
+            "forward_s": round(times.forward, 4),
+            "backward_s": round(times.backward, 4),
+            "optimizer_s": round(times.optimizer, 4),
+            "samples_seen": self.state.samples_seen,
+        }
+        remaining = self.total_steps - self.state.step
+        rec["eta_s"] = round(remaining * self.global_batch / max(images_per_s, 1e-9), 1)
+        self.state.history.append(rec)
+        return rec
+
+    def _emit(self, record: dict[str, Any], progress: Any) -> None:
+        if self.rank == 0:
+            line = json.dumps({"event": "train", **record})
+            with self.log_path.open("a") as f:
+                f.write(line + "\n")
+            print(f"[fr_train] step {record['step']}/{self.total_steps} loss {record['loss']:.4f} "
+                  f"lr {record['lr']:.4g} {record['images_per_s']:.1f} img/s eta {record['eta_s']:.0f}s",
+                  flush=True)
+            if progress is not None:
+                progress.update(record["step"] - progress.n)
+                progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.3g}",
+                                     ips=f"{record['images_per_s']:.0f}")
+        self.report({k: v for k, v in record.items() if isinstance(v, int | float)})
+
+    def _progress_bar(self) -> Any:
+        if self.rank != 0:
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=self.total_steps, desc=f"fr_train {self.cfg.run.name}", unit="step",
+                    mininterval=5.0, dynamic_ncols=True)
+
+    def _log_start(self) -> None:
+        if self.rank != 0:
+            return
+        info = {
+            "event": "start", "run": self.cfg.run.name, "world_size": self.world, "device": str(self.device),
+            "precision": self.precision, "num_classes": self.num_classes, "steps_per_epoch": self.steps_per_epoch,
+            "total_steps": self.total_steps, "global_batch": self.global_batch, "base_lr": self.schedule.base_lr,
+            "backbone": self.cfg.backbone.name,
+            "backbone_gflops": round(self.backbone_flops / 1e9, 3),
+            "host": socket.gethostname(),
+        }
+        print(f"[fr_train] {self.cfg.backbone.name}: {info['backbone_gflops']} GFLOPs (multiply-adds) per "
+              f"{self.image_size[0]}x{self.image_size[1]} image; {self.num_classes} classes over {self.world} "
+              f"rank(s); global batch {self.global_batch}; {self.total_steps} steps", flush=True)
+        with self.log_path.open("a") as f:
+            f.write(json.dumps(info) + "\n")
+
+    def evaluate(self) -> dict[str, Any]:
+        """Verification on rank 0 (the backbone is replicated under ZeRO 0-2); others wait."""
+        results: dict[str, Any] = {}
+        if self.rank == 0 and self.eval_sets:
+            from fr_train.evaluation.runner import evaluate_verification
+
+            model = self.engine.module
+            was_training = model.training
+            model.eval()
+            for vs in self.eval_sets:
+                r = evaluate_verification(model, vs, batch_size=self.cfg.eval.batch_size, device=self.device)
+                results[vs.name] = r
+                line = {"event": "eval", "step": self.state.step, "set": vs.name, **r}
+                with self.log_path.open("a") as f:
+                    f.write(json.dumps(line) + "\n")
+                print(f"[fr_train] eval step {self.state.step} {vs.name}: accuracy {r['accuracy']:.4f} "
+                      f"± {r['accuracy_std']:.4f}, TAR@FAR=1e-3 {r['tar_at_far_1e-3']:.4f}", flush=True)
+            model.train(was_training)
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+        return results
+
+    def _finish(self, last_eval: dict[str, Any]) -> None:
+        if self.rank == 0:
+            from fr_train.export import export_onnx, save_backbone
+
+            out = self.run_dir / "final"
+            out.mkdir(parents=True, exist_ok=True)
+            model = self.engine.module.float().eval()
+            save_backbone(model, out / "backbone.safetensors")
+            (out / "config.json").write_text(self.cfg.to_json())
+            export_onnx(model.cpu(), out / "backbone.onnx", image_size=self.image_size[0])
+            summary = {"event": "end", "step": self.state.step, "eval": last_eval, "final_dir": str(out)}
+            with self.log_path.open("a") as f:
+                f.write(json.dumps(summary) + "\n")
+            print(f"[fr_train] done: {self.state.step} steps; model in {out}", flush=True)
+        flat = {f"eval/{name}/{k}": v for name, r in last_eval.items() for k, v in r.items()
+                if isinstance(v, int | float)}
+        self.report({"step": self.state.step, "done": 1, **flat})
+
+
+def train_loop(loop_config: dict[str, Any]) -> None:
+    """Ray Train entry point: runs on every worker with torch.distributed already initialised."""
+    import ray.train
+
+    cfg = TrainConfig.from_dict(loop_config["config"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if torch.cuda.is_available() and cfg.run.use_gpu != "no":
+        device = torch.device("cuda", ctx.get_local_rank())
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+        torch.set_num_threads(max(1, cfg.run.cpus_per_worker))
+    os.environ.setdefault("LOCAL_RANK", str(ctx.get_local_rank()))
+    trainer = Trainer(cfg, rank, world, device, report=lambda m: ray.train.report(m))
+
+    def _on_sigterm(signum: int, frame: Any) -> None:  # preemption notice: finish the step, then stop
+        trainer.stop_requested = True
+
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    trainer.fit()

@@ -1,0 +1,95 @@
+"""The config tree: presets, overrides, and errors that name the key and what is valid."""
+
+from __future__ import annotations
+
+import pytest
+
+from fr_train.cli import build_parser, config_from_args, main
+from fr_train.config import METHODS, ConfigError, TrainConfig, build_config, valid_keys
+from fr_train.schedule import PolySchedule, scaled_lr
+
+
+def test_every_method_preset_builds_and_sets_the_head():
+    for method in METHODS:
+        cfg = build_config("r18", method)
+        assert cfg.method == method
+    assert build_config("r18", "arcface").head.m2 == 0.5
+    assert build_config("r18", "cosface").head.m3 == 0.4
+    assert build_config("r18", "vpl").head.vpl is True
+    assert build_config("r18", "softmax").head.margin == "softmax"
+
+
+def test_overrides_are_typed_and_win_over_the_preset():
+    cfg = build_config("r50", "vpl", overrides=["head.sample_rate=0.1", "head.vpl_start_iter=100",
+                                                 "eval.sets=lfw,cfp_fp", "head.vpl=false"])
+    assert cfg.head.sample_rate == 0.1 and isinstance(cfg.head.vpl_start_iter, int)
+    assert cfg.eval.sets == ["lfw", "cfp_fp"]
+    assert cfg.head.vpl is False
+
+
+def test_unknown_key_lists_the_valid_keys():
+    with pytest.raises(ConfigError, match="unknown config key 'head.sampel_rate'.*head.sample_rate"):
+        build_config("r50", "arcface", overrides=["head.sampel_rate=0.1"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("head.sample_rate=0", "head.sample_rate: must be in \\(0, 1\\]"),
+    ("head.sample_rate=abc", "head.sample_rate: expected a number"),
+    ("data.batch_size=1.5", "data.batch_size: expected an integer"),
+    ("run.precision=fp8", "run.precision: 'fp8' is not one of"),
+    ("run.zero_stage=3", "run.zero_stage: must be 0, 1 or 2"),
+    ("head", "not of the form key=value"),
+    ("head=1", "'head' is a section"),
+])
+def test_bad_values_name_the_field_and_the_range(override, message):
+    with pytest.raises(ConfigError, match=message):
+        build_config("r50", "arcface", overrides=[override])
+
+
+def test_unknown_method_and_backbone_list_the_choices():
+    with pytest.raises(ConfigError, match="unknown method 'arcfce'.*arcface"):
+        build_config("r50", "arcfce")
+    with pytest.raises(ConfigError, match="backbone.name: must be one of .*r100"):
+        build_config("r1000", "arcface")
+
+
+def test_toml_file_applies_and_typos_in_it_are_errors(tmp_path):
+    good = tmp_path / "run.toml"
+    good.write_text('[head]\nsample_rate = 0.3\n[optimizer]\nlr = 0.2\n')
+    cfg = build_config("r50", "cosface", config_file=good)
+    assert cfg.head.sample_rate == 0.3 and cfg.optimizer.lr == 0.2 and cfg.head.m3 == 0.4
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[optimiser]\nlr = 0.2\n')
+    with pytest.raises(ConfigError, match=f"{bad}: unknown config key 'optimiser.lr'"):
+        build_config("r50", "cosface", config_file=bad)
+
+
+def test_resolved_config_round_trips_through_its_dict():
+    cfg = build_config("r100", "vpl", overrides=["head.sample_rate=0.2", "eval.sets=lfw"])
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_cli_flags_map_onto_the_tree_and_set_wins():
+    args = build_parser().parse_args(["r18", "vpl", "--data", "/d", "--num-workers", "4", "--max-steps", "7",
+                                      "--set", "schedule.max_steps=9", "--name", "x"])
+    cfg = config_from_args(args)
+    assert (cfg.data.path, cfg.run.num_workers, cfg.schedule.max_steps, cfg.run.name) == ("/d", 4, 9, "x")
+
+
+def test_cli_reports_config_errors_with_exit_code_2(capsys):
+    assert main(["r18", "arcface", "--set", "head.nope=1"]) == 2
+    assert "config error: unknown config key 'head.nope'" in capsys.readouterr().err
+
+
+def test_fr_train_list_prints_backbones_methods_and_keys(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for name in ("r18", "r100", "mbf", *METHODS):
+        assert f"  {name}" in out
+    assert all(k in out for k in valid_keys())
+
+
+def test_lr_schedule_warms_up_then_decays_to_zero():
+    s = PolySchedule(base_lr=0.4, total_steps=10, warmup_steps=2, power=1.0)
+    assert [round(s.lr(i), 6) for i in range(11)] == [0.2, 0.4, 0.4, 0.35, 0.3, 0.25, 0.2, 0.15, 0.1, 0.05, 0.0]
+    assert scaled_lr(0.1, 256, 1024) == pytest.approx(0.025)
