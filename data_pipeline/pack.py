@@ -1,0 +1,473 @@
+"""``fr_pack``: image folders → insightface ``train.rec/.idx/property``, and ``fr_pack --verify``.
+
+The library entry point :func:`write_insightface_dataset` is what the synthetic-identity generator
+and the folder packer share, so every dataset this project writes has the same layout:
+record 0 = header with labels ``[first_identity_record, end]``, images at keys ``1..``, then one
+identity record per class holding the ``[start, end)`` key range of its images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import io
+import json
+import multiprocessing
+import operator
+import os
+import sys
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from data_pipeline.dataset import (
+    IDX_NAME,
+    PROPERTY_NAME,
+    REC_NAME,
+    FaceRecordDataset,
+    detect_layout,
+    open_dataset,
+    write_property,
+)
+from data_pipeline.errors import DataFormatError, data_error
+from data_pipeline.recordio import (
+    IRHeader,
+    RecordReader,
+    RecordWriter,
+    encode_record,
+    pack_record,
+    unpack_record,
+)
+
+_IMAGE_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n")  # JPEG, PNG
+#: Image formats the DALI decoders read; anything else PIL opens (GIF, ICO, ...) is refused.
+_DALI_FORMATS = frozenset({"JPEG", "PNG", "BMP", "TIFF", "PPM", "WEBP", "JPEG2000"})
+_FLOAT32_EXACT_LIMIT = 1 << 24  # every integer up to 2**24 is exact in float32 (the label type)
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------
+def _exact_float32(value: int, what: str) -> float:
+    """Labels are float32 on disk; refuse integers float32 would round (above 2**24)."""
+    if float(np.float32(value)) != value:
+        raise ValueError(
+            f"{what} {value} cannot be stored exactly as the float32 label MXNet RecordIO uses "
+            f"(integers above {_FLOAT32_EXACT_LIMIT} are rounded); split the dataset into several .rec files"
+        )
+    return float(value)
+
+
+def write_insightface_dataset(
+    out_dir: str | Path,
+    samples: Iterable[tuple[int, bytes]],
+    num_classes: int,
+    image_size: tuple[int, int] = (112, 112),
+) -> Path:
+    """Write ``train.rec``, ``train.idx`` and ``property`` in the insightface layout; returns ``out_dir``.
+
+    ``samples`` are ``(label, encoded JPEG/PNG bytes)`` sorted by label, every label in
+    ``0..num_classes-1`` having at least one image (a class without images would be a dead
+    prototype; that is refused rather than written). ``image_size`` is (height, width) and is only
+    recorded in ``property``. Files are written under temporary names and renamed at the end, so an
+    interrupted run never leaves a dataset that looks complete. Afterwards the DALI image-only index
+    is prepared when ``data_pipeline.dali.prepare_dali_index`` exists.
+    """
+    out_dir = Path(out_dir)
+    num_classes = operator.index(num_classes)
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    height, width = (operator.index(v) for v in image_size)
+    if height < 1 or width < 1:
+        raise ValueError(f"image_size must be two positive integers (height, width), got {image_size!r}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    final = {name: out_dir / name for name in (REC_NAME, IDX_NAME, PROPERTY_NAME)}
+    temp = {name: out_dir / f".{name}.partial" for name in final}
+    try:
+        _write_records(temp[REC_NAME], temp[IDX_NAME], samples, num_classes)
+        temp[PROPERTY_NAME].write_text(f"{num_classes},{height},{width}\n", encoding="ascii")
+        for name, path in temp.items():
+            os.replace(path, final[name])
+    finally:
+        for path in temp.values():
+            path.unlink(missing_ok=True)
+    _prepare_dali_index(out_dir)
+    return out_dir
+
+
+def _write_records(rec_path: Path, idx_path: Path, samples: Iterable[tuple[int, bytes]], num_classes: int) -> None:
+    # The header's labels are only known at the end; write a same-sized placeholder and patch it.
+    placeholder = pack_record(IRHeader(2, (0.0, 0.0), 0, 0))
+    starts = np.full(num_classes + 1, -1, dtype=np.int64)
+    with RecordWriter(rec_path, idx_path) as writer:
+        writer.write(0, placeholder)
+        key, previous = 1, -1
+        for index, (label_in, image) in enumerate(samples):
+            label = operator.index(label_in)
+            if not 0 <= label < num_classes:
+                raise ValueError(f"sample #{index}: label {label} is outside 0..{num_classes - 1} (num_classes={num_classes})")
+            if label < previous:
+                raise ValueError(f"samples must be sorted by label: sample #{index} has label {label} after label {previous}")
+            if not isinstance(image, (bytes, bytearray, memoryview)) or not bytes(image[:8]).startswith(_IMAGE_SIGNATURES):
+                raise ValueError(f"sample #{index} (label {label}): image is not encoded JPEG or PNG bytes")
+            if label != previous:
+                if label != previous + 1:
+                    raise ValueError(f"class {previous + 1} has no images (sample #{index} jumps from label {previous} "
+                                     f"to {label}); every class 0..num_classes-1 needs at least one image")
+                starts[label] = key
+                previous = label
+            writer.write(key, pack_record(IRHeader(0, _exact_float32(label, "label"), key, 0), bytes(image)))
+            key += 1
+        if previous != num_classes - 1:
+            raise ValueError(f"class {previous + 1} has no images: samples ended at label {previous} but "
+                             f"num_classes={num_classes}; every class needs at least one image")
+        first_identity = key
+        starts[num_classes] = first_identity
+        for c in range(num_classes):
+            k = first_identity + c
+            span = (_exact_float32(int(starts[c]), "record key"), _exact_float32(int(starts[c + 1]), "record key"))
+            writer.write(k, pack_record(IRHeader(2, span, k, 0)))
+        end = first_identity + num_classes
+    header = pack_record(IRHeader(2, (_exact_float32(first_identity, "record key"), _exact_float32(end, "record key")),
+                                  0, 0))
+    encoded_old, encoded_new = encode_record(placeholder), encode_record(header)
+    if len(encoded_new) != len(encoded_old):  # only if the header contained the magic word; labels >= 0 never do
+        raise AssertionError("insightface header record changed size while patching")
+    with open(rec_path, "r+b") as f:
+        f.write(encoded_new)
+
+
+def _prepare_dali_index(out_dir: Path) -> None:
+    """Run ``data_pipeline.dali.prepare_dali_index(out_dir)`` if that module and function exist.
+
+    Only their absence is tolerated; any error raised while importing or running them propagates.
+    """
+    try:
+        module = importlib.import_module("data_pipeline.dali")
+    except ModuleNotFoundError as exc:
+        if exc.name != "data_pipeline.dali":
+            raise
+        return
+    prepare = getattr(module, "prepare_dali_index", None)
+    if prepare is not None:
+        prepare(out_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# Packing image folders
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PackOptions:
+    """How ``fr_pack SRC OUT`` turns files into records."""
+
+    image_size: tuple[int, int] = (112, 112)  # (height, width) every image must have
+    resize: bool = False  # rescale images of another size instead of refusing them
+    quality: int = 95  # JPEG quality when an image has to be re-encoded
+    workers: int = 1
+    progress: bool = True
+
+
+def list_identity_folders(src_dir: Path) -> tuple[list[tuple[int, Path]], list[str], int]:
+    """(label, file) tasks in label order, the identity names (label = position) and hidden files ignored.
+
+    Identities are the sub-folders of ``src_dir`` in sorted name order; files inside them in sorted
+    order. Hidden entries (dot-files such as .DS_Store) are ignored and counted; anything else that
+    is not an identity folder or a file inside one is an error.
+    """
+    if not src_dir.is_dir():
+        raise data_error(src_dir, "", "source is not a directory", "Pass a folder holding one sub-folder per identity")
+    tasks: list[tuple[int, Path]] = []
+    names: list[str] = []
+    hidden = 0
+    for entry in sorted(src_dir.iterdir(), key=lambda p: p.name):
+        if entry.name.startswith("."):
+            hidden += 1
+            continue
+        if not entry.is_dir():
+            raise data_error(entry, "", "file at the top level of the source folder",
+                             "Put every image inside its identity's folder (SRC/<identity>/<image>)")
+        label = len(names)
+        files = []
+        for item in sorted(entry.iterdir(), key=lambda p: p.name):
+            if item.name.startswith("."):
+                hidden += 1
+            elif item.is_file():
+                files.append(item)
+            else:
+                raise data_error(item, "", "nested folder inside an identity folder",
+                                 "Identity folders must hold image files only")
+        if not files:
+            raise data_error(entry, "", "identity folder has no images", "Remove the empty folder or add its images")
+        names.append(entry.name)
+        tasks.extend((label, f) for f in files)
+    if not names:
+        raise data_error(src_dir, "", "no identity folders found", "Pass a folder holding one sub-folder per identity")
+    return tasks, names, hidden
+
+
+def load_face_image(path: Path, label: int, options: PackOptions) -> tuple[int, bytes]:
+    """Read, fully decode and size-check one image; returns (label, JPEG/PNG bytes to store).
+
+    An RGB JPEG of the right size is stored byte for byte (no generation loss); anything else
+    (PNG with alpha, grayscale, other formats, --resize) is re-encoded as RGB JPEG.
+    """
+    raw = path.read_bytes()
+    try:
+        with Image.open(io.BytesIO(raw)) as image:
+            image.load()
+            fmt, mode, size = image.format, image.mode, image.size
+            height, width = options.image_size
+            if size != (width, height):
+                if not options.resize:
+                    raise data_error(path, "", f"image is {size[0]}x{size[1]} (WxH), expected {width}x{height}",
+                                     "Align and crop faces to the training size first, or pass --resize")
+                image = image.resize((width, height), Image.Resampling.BICUBIC)
+            if fmt == "JPEG" and mode == "RGB" and size == (width, height):
+                return label, raw
+            buffer = io.BytesIO()
+            image.convert("RGB").save(buffer, format="JPEG", quality=options.quality)
+            return label, buffer.getvalue()
+    except DataFormatError:
+        raise
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise data_error(path, "", f"not a readable image ({exc})", "Remove or replace the file") from None
+
+
+def _load_task(task: tuple[int, str, PackOptions]) -> tuple[int, bytes]:
+    label, path, options = task
+    return load_face_image(Path(path), label, options)
+
+
+def _pool(workers: int) -> multiprocessing.pool.Pool:
+    # spawn, not fork: the caller may already run threads (torch, ray) that fork would copy half-locked.
+    return multiprocessing.get_context("spawn").Pool(processes=workers)
+
+
+def pack_folders(src_dir: str | Path, out_dir: str | Path, options: PackOptions) -> dict[str, object]:
+    """Pack ``SRC/<identity>/<image>`` into an insightface dataset in ``out_dir``; returns a summary."""
+    src_dir, out_dir = Path(src_dir), Path(out_dir)
+    tasks, names, hidden = list_identity_folders(src_dir)
+    jobs = [(label, str(path), options) for label, path in tasks]
+    bar = tqdm(total=len(jobs), unit="img", desc="fr_pack", disable=not options.progress)
+
+    def images(loaded: Iterator[tuple[int, bytes]]) -> Iterator[tuple[int, bytes]]:
+        for item in loaded:
+            bar.update(1)
+            yield item
+
+    try:
+        if options.workers > 1:
+            with _pool(options.workers) as pool:
+                chunk = max(1, min(256, len(jobs) // (8 * options.workers)))
+                write_insightface_dataset(out_dir, images(pool.imap(_load_task, jobs, chunksize=chunk)),
+                                          len(names), options.image_size)
+        else:
+            write_insightface_dataset(out_dir, images(map(_load_task, jobs)), len(names), options.image_size)
+    finally:
+        bar.close()
+    (out_dir / "identities.txt").write_text("".join(f"{i}\t{n}\n" for i, n in enumerate(names)), encoding="utf-8")
+    return {"images": len(jobs), "identities": len(names), "hidden_files_ignored": hidden, "out_dir": str(out_dir)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Verification
+# ---------------------------------------------------------------------------------------------
+def _check_images(args: tuple[str, np.ndarray]) -> np.ndarray:
+    """Decode every image of ``keys`` and return their class labels (worker side of --verify)."""
+    directory, keys = args
+    dataset = _worker_dataset(directory)
+    labels = np.empty(len(keys), dtype=np.int64)
+    height, width = dataset.image_size
+    for i, key in enumerate(keys):
+        label, image = dataset.read_image(int(key))
+        where = f"key {int(key)} (byte offset {dataset.reader.offset(int(key))})"
+        try:
+            with Image.open(io.BytesIO(image)) as probe:
+                probe.verify()
+            with Image.open(io.BytesIO(image)) as decoded:
+                decoded.load()
+                fmt, size = decoded.format, decoded.size
+        except Exception as exc:  # PIL raises many types for garbage input; all mean "not an image"
+            raise data_error(dataset.rec_path, where, f"payload is not a decodable image ({type(exc).__name__}: {exc})",
+                             "DALI's decoder would fail on it; remove the record and re-pack the dataset") from None
+        if fmt not in _DALI_FORMATS:
+            raise data_error(dataset.rec_path, where, f"image format {fmt} is not one DALI decodes",
+                             "Re-encode it as JPEG and re-pack the dataset")
+        if size != (width, height):
+            raise data_error(dataset.rec_path, where,
+                             f"image is {size[0]}x{size[1]} (WxH) but {dataset.property_path.name} says {width}x{height}",
+                             "Re-pack with the right size (fr_pack --image-size / --resize) or fix the property file")
+        labels[i] = label
+    return labels
+
+
+_WORKER_DATASETS: dict[str, FaceRecordDataset] = {}  # per-process cache: one mmap/index parse per worker
+
+
+def _worker_dataset(directory: str) -> FaceRecordDataset:
+    if directory not in _WORKER_DATASETS:
+        _WORKER_DATASETS[directory] = open_dataset(directory)
+    return _WORKER_DATASETS[directory]
+
+
+def _check_identity_records(dataset: FaceRecordDataset, labels: np.ndarray) -> int:
+    """insightface layout: identity records must tile the image keys and match the image labels."""
+    first, end = dataset.identity_range
+    num_ids = end - first
+    if num_ids != dataset.num_classes:
+        raise data_error(dataset.property_path, "", f"num_classes is {dataset.num_classes} but the .rec has {num_ids} "
+                         f"identity records (keys {first}..{end - 1})", "Fix the property file or re-pack the dataset")
+    expected_start = 1
+    reader = dataset.reader
+    for c in range(num_ids):
+        key = first + c
+        where = f"identity record key {key} (byte offset {reader.offset(key)})"
+        header, rest = unpack_record(reader.read(key), path=dataset.rec_path, where=where)
+        if header.flag != 2 or rest:
+            raise data_error(dataset.rec_path, where, f"expected an identity record (flag 2, no image), got flag "
+                             f"{header.flag} with {len(rest)} image bytes", "Re-pack the dataset")
+        start_f, stop_f = header.label  # type: ignore[misc]
+        # Labels are float32: compare against the float32 rounding of the exact key.
+        if start_f != float(np.float32(expected_start)) or stop_f < start_f or stop_f > float(np.float32(first)):
+            raise data_error(dataset.rec_path, where, f"identity {c} covers keys [{start_f:.0f}, {stop_f:.0f}) but "
+                             f"identity ranges must tile [1, {first}) in order (expected start {expected_start})",
+                             "Re-pack the dataset")
+        start, stop = expected_start, int(stop_f)
+        wrong = np.flatnonzero(labels[start - 1:stop - 1] != c)
+        if wrong.size:
+            bad = start + int(wrong[0])
+            raise data_error(dataset.rec_path, f"key {bad} (byte offset {reader.offset(bad)})",
+                             f"image label {int(labels[bad - 1])} disagrees with identity record key {key}, which "
+                             f"puts keys [{start}, {stop}) in class {c}", "Re-pack the dataset")
+        expected_start = stop
+    if expected_start != first:
+        raise data_error(dataset.rec_path, f"identity record key {end - 1}", f"identity ranges end at key "
+                         f"{expected_start} but images run up to key {first - 1}", "Re-pack the dataset")
+    return num_ids
+
+
+def verify_dataset(directory: str | Path, workers: int = 1, progress: bool = False,
+                   chunk: int = 512) -> dict[str, object]:
+    """Check a dataset end to end; returns a summary or raises DataFormatError at the first problem.
+
+    Checks, in order: property and layout; every ``.idx`` offset is a record boundary and index and
+    ``.rec`` list the same records (each record once); every image record decodes, has the
+    property's size and a label in ``0..num_classes-1``; insightface identity records tile the
+    image keys in order and agree with the image labels.
+    """
+    dataset = open_dataset(directory)
+    records = dataset.reader.check_index()
+    if dataset.identity_range is not None and records != dataset.identity_range[1]:
+        extra = int(dataset.reader.keys[dataset.reader.keys >= dataset.identity_range[1]][0])
+        raise data_error(dataset.rec_path, f"key {extra} (byte offset {dataset.reader.offset(extra)})",
+                         f"record lies beyond the insightface header's end key {dataset.identity_range[1]}: it is "
+                         "neither an image nor an identity record", "Re-pack the dataset")
+    keys = dataset.image_keys
+    chunks = [keys[i:i + chunk] for i in range(0, len(keys), chunk)]
+    jobs = [(str(dataset.directory), chunk) for chunk in chunks]
+    bar = tqdm(total=len(keys), unit="img", desc="verify", disable=not progress)
+    parts: list[np.ndarray] = []
+    try:
+        if workers > 1 and len(chunks) > 1:
+            with _pool(workers) as pool:
+                for labels in pool.imap(_check_images, jobs):
+                    parts.append(labels)
+                    bar.update(len(labels))
+        else:
+            for job in jobs:
+                parts.append(_check_images(job))
+                bar.update(len(parts[-1]))
+    finally:
+        bar.close()
+    labels = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    per_class = np.bincount(labels, minlength=dataset.num_classes)
+    if dataset.layout == "insightface":
+        _check_identity_records(dataset, labels)
+    return {
+        "ok": True,
+        "layout": dataset.layout,
+        "images": len(keys),
+        "identities": dataset.num_classes,
+        "records": records,
+        "classes_without_images": int(np.count_nonzero(per_class == 0)),
+        "image_size": list(dataset.image_size),
+        "rec_bytes": dataset.reader.size,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fr_pack",
+        description="Pack SRC_DIR/<identity>/<image> folders into an insightface RecordIO dataset "
+                    "(train.rec, train.idx, property), or verify / complete an existing one.",
+    )
+    parser.add_argument("src_dir", nargs="?", type=Path, help="folder with one sub-folder per identity")
+    parser.add_argument("out_dir", nargs="?", type=Path, help="where train.rec/train.idx/property go")
+    parser.add_argument("--verify", metavar="DIR", type=Path, help="check DIR's dataset end to end")
+    parser.add_argument("--write-property", metavar="DIR", type=Path,
+                        help="create DIR/property for a .rec that lacks it (classes counted from the labels)")
+    parser.add_argument("--json", action="store_true", help="with --verify: print a JSON summary as the last line")
+    parser.add_argument("--image-size", nargs=2, type=int, metavar=("H", "W"), default=[112, 112],
+                        help="size every packed image must have (default 112 112)")
+    parser.add_argument("--resize", action="store_true", help="rescale images of another size instead of failing")
+    parser.add_argument("--quality", type=int, default=95, help="JPEG quality when re-encoding (default 95)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="processes reading/decoding images (default: all cores)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point of ``fr_pack``; returns the process exit status (0 ok, 1 data error)."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    modes = [args.verify is not None, args.write_property is not None, args.src_dir is not None]
+    if sum(modes) != 1 or (args.src_dir is not None and args.out_dir is None):
+        parser.error("use exactly one of: SRC_DIR OUT_DIR | --verify DIR | --write-property DIR")
+    if args.json and args.verify is None:
+        parser.error("--json only applies to --verify")
+    if args.workers < 1:
+        parser.error("--workers must be >= 1")
+    progress = not args.no_progress and sys.stderr.isatty()
+    try:
+        if args.verify is not None:
+            summary = verify_dataset(args.verify, workers=args.workers, progress=progress)
+            print(f"OK {args.verify}: {summary['images']} images, {summary['identities']} identities, "
+                  f"layout {summary['layout']}, {summary['records']} records, "
+                  f"{summary['classes_without_images']} classes without images")
+            if args.json:
+                print(json.dumps(summary))
+        elif args.write_property is not None:
+            path = _write_property_for(args.write_property)
+            print(f"wrote {path}: {path.read_text(encoding='ascii').strip()}")
+        else:
+            options = PackOptions(image_size=(args.image_size[0], args.image_size[1]), resize=args.resize,
+                                  quality=args.quality, workers=args.workers, progress=progress)
+            summary = pack_folders(args.src_dir, args.out_dir, options)
+            print(f"packed {summary['images']} images of {summary['identities']} identities into {args.out_dir} "
+                  f"({summary['hidden_files_ignored']} hidden files ignored)")
+    except DataFormatError as exc:
+        print(f"fr_pack: error: {exc}", file=sys.stderr)
+        if args.json:
+            print(json.dumps({"ok": False, "error": str(exc)}))
+        return 1
+    return 0
+
+
+def _write_property_for(directory: Path) -> Path:
+    """Create ``property`` from the labels and the first image of a dataset that lacks it."""
+    directory = Path(directory)
+    with RecordReader(directory / REC_NAME, directory / IDX_NAME) as reader:
+        layout = detect_layout(reader)
+        return write_property(directory, reader, layout)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

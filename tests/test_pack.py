@@ -1,0 +1,129 @@
+"""``fr_pack``: image folders → insightface RecordIO, ``--verify``, ``--write-property``, the DALI hook."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+import types
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from data_pipeline.dataset import open_dataset
+from data_pipeline.pack import main, verify_dataset, write_insightface_dataset
+from data_pipeline.recordio import IRHeader, RecordWriter, pack_record
+from tests.rec_fixtures import identity_folders, insightface_dataset, jpeg_bytes, png_bytes
+
+
+def test_fr_pack_labels_identity_folders_in_sorted_name_order(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Two worker processes; RGB JPEGs are stored as is, RGBA PNG and grayscale JPEG re-encoded; dot-files ignored."""
+    src = identity_folders(tmp_path / "src", [2, 1, 3])
+    (src / "id_01" / "b_alpha.png").write_bytes(png_bytes(7))
+    (src / "id_02" / "a_gray.jpg").write_bytes(jpeg_bytes(8, mode="L"))
+    (src / "id_00" / ".DS_Store").write_bytes(b"\x00junk")
+    out = tmp_path / "out"
+    assert main([str(src), str(out), "--image-size", "16", "16", "--workers", "2", "--no-progress"]) == 0
+    assert "packed 8 images of 3 identities" in capsys.readouterr().out
+    with open_dataset(out) as dataset:
+        assert dataset.layout == "insightface" and dataset.num_classes == 3 and len(dataset) == 8
+        assert dataset.labels().tolist() == [0, 0, 1, 1, 2, 2, 2, 2]
+        assert dataset.read_image(1) == (0, (src / "id_00" / "img_00.jpg").read_bytes())
+        for key, label in ((3, 1), (5, 2)):  # id_01/b_alpha.png and id_02/a_gray.jpg sort first in their folders
+            got_label, converted = dataset.read_image(key)
+            with Image.open(io.BytesIO(converted)) as image:
+                assert (got_label, image.format, image.mode, image.size) == (label, "JPEG", "RGB", (16, 16))
+    assert (out / "identities.txt").read_text() == "0\tid_00\n1\tid_01\n2\tid_02\n"
+    assert verify_dataset(out)["images"] == 8
+
+
+def test_fr_pack_refuses_images_of_another_size_unless_resize(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    src = identity_folders(tmp_path / "src", [1, 1], size=24)
+    assert main([str(src), str(tmp_path / "a"), "--image-size", "16", "16", "--workers", "1", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "id_00/img_00.jpg" in err and "24x24 (WxH), expected 16x16" in err and "--resize" in err
+    assert main([str(src), str(tmp_path / "b"), "--image-size", "16", "16", "--resize", "--workers", "1",
+                 "--no-progress"]) == 0
+    assert verify_dataset(tmp_path / "b")["image_size"] == [16, 16]
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda src: (src / "id_01" / "broken.jpg").write_bytes(b"\xff\xd8\xff not really"), "broken.jpg: not a readable image"),
+        (lambda src: (src / "stray.jpg").write_bytes(jpeg_bytes(0)), "stray.jpg: file at the top level"),
+        (lambda src: (src / "id_99").mkdir(), "id_99: identity folder has no images"),
+        (lambda src: (src / "id_00" / "sub").mkdir(), "sub: nested folder"),
+    ],
+)
+def test_fr_pack_stops_at_the_first_bad_source_entry_naming_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture, make: object, message: str
+) -> None:
+    src = identity_folders(tmp_path / "src", [1, 1])
+    make(src)  # type: ignore[operator]
+    assert main([str(src), str(tmp_path / "out"), "--image-size", "16", "16", "--workers", "1", "--no-progress"]) == 1
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out" / "train.rec").exists()
+
+
+def test_verify_json_summary_is_the_last_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    insightface_dataset(tmp_path, [2, 3])
+    assert main(["--verify", str(tmp_path), "--json", "--workers", "1"]) == 0
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last["ok"] is True
+    assert (last["images"], last["identities"], last["layout"], last["records"]) == (5, 2, "insightface", 8)
+
+
+def test_verify_in_worker_processes_matches_inline(tmp_path: Path) -> None:
+    """Chunks decoded by two processes give the same summary as one process."""
+    insightface_dataset(tmp_path, [3, 2, 2])
+    assert verify_dataset(tmp_path, workers=2, chunk=2) == verify_dataset(tmp_path, workers=1)
+
+
+def test_verify_accepts_im2rec_datasets_and_counts_classes_without_images(tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture) -> None:
+    with RecordWriter(tmp_path / "train.rec", tmp_path / "train.idx") as writer:
+        for key, label in enumerate([0, 2, 2]):
+            writer.write(key, pack_record(IRHeader(0, float(label), key, 0), jpeg_bytes(key)))
+    assert main(["--write-property", str(tmp_path)]) == 0
+    assert (tmp_path / "property").read_text() == "3,16,16\n"
+    summary = verify_dataset(tmp_path)
+    assert (summary["layout"], summary["images"], summary["identities"]) == ("im2rec", 3, 3)
+    assert summary["classes_without_images"] == 1
+
+
+def test_cli_refuses_ambiguous_modes(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--verify", "a", "--write-property", "b"])
+    assert exit_info.value.code == 2
+    assert "exactly one of" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------
+# The DALI index hook
+# ------------------------------------------------------------------------------------------------
+def test_packing_calls_prepare_dali_index_when_it_exists(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[Path] = []
+    dali = types.ModuleType("data_pipeline.dali")
+    dali.prepare_dali_index = lambda out_dir: calls.append(Path(out_dir))  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "data_pipeline.dali", dali)
+    write_insightface_dataset(tmp_path, [(0, jpeg_bytes(0))], 1, (16, 16))
+    assert calls == [tmp_path]
+
+
+def test_packing_without_prepare_dali_index_still_succeeds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "data_pipeline.dali", types.ModuleType("data_pipeline.dali"))
+    write_insightface_dataset(tmp_path, [(0, jpeg_bytes(0))], 1, (16, 16))
+    assert (tmp_path / "train.rec").is_file()
+
+
+def test_errors_raised_by_prepare_dali_index_are_not_swallowed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def failing(out_dir: Path) -> None:
+        raise ImportError("nvidia.dali is broken")
+
+    dali = types.ModuleType("data_pipeline.dali")
+    dali.prepare_dali_index = failing  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "data_pipeline.dali", dali)
+    with pytest.raises(ImportError, match="is broken"):
+        write_insightface_dataset(tmp_path, [(0, jpeg_bytes(0))], 1, (16, 16))
