@@ -44,7 +44,9 @@ class DataConfig:
     """DALI CPU threads per rank."""
     shuffle_buffer: int = 16384
     """DALI reader `initial_fill`: the size of the random shuffle buffer."""
-    last_batch: Literal["drop", "pad"] = "drop"
+    last_batch: Literal["drop"] = "drop"
+    """Training drops each rank's incomplete last batch (a different random remainder each epoch):
+    padded samples would be counted twice by the loss."""
     cache_dir: str = "~/.cache/fr_train"
     """Where the synthetic default is built and cached."""
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)

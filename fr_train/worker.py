@@ -20,10 +20,10 @@ import random
 import signal
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -49,6 +49,14 @@ class StepTimes:
     @property
     def total(self) -> float:
         return self.data + self.forward + self.backward + self.optimizer
+
+
+class BatchSource(Protocol):
+    """What the loop needs of its data: the DALI iterator, or an in-memory source in tests."""
+
+    def __iter__(self) -> Iterator[Any]: ...  # items with .images [B,3,H,W] and .labels [B] int64
+    def __len__(self) -> int: ...
+    def reset(self) -> None: ...
 
 
 @dataclass
@@ -103,8 +111,10 @@ class Trainer:
         world: int,
         device: torch.device,
         report: Callable[[dict[str, Any]], None] | None = None,
+        data: BatchSource | None = None,
     ) -> None:
         self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
+        self._data_override = data
         self.report = report or (lambda metrics: None)
         self.precision = resolve_precision(cfg, device)
         self.state = TrainState()
@@ -120,7 +130,7 @@ class Trainer:
     def _build(self) -> None:
         import deepspeed
 
-        from data_pipeline.dali import DaliFaceIterator
+        from data_pipeline.dali import DaliConfig, DaliFaceIterator
         from data_pipeline.dataset import open_dataset
         from fr_train.backbones import build_backbone
         from fr_train.backbones.flops import count_flops
@@ -131,16 +141,19 @@ class Trainer:
         dataset = open_dataset(data_dir)
         self.num_classes = dataset.num_classes
         self.image_size = dataset.image_size
-        self.data = DaliFaceIterator(
+        self.data: BatchSource = self._data_override or DaliFaceIterator(
             data_dir,
-            batch_size=cfg.data.batch_size,
-            shard_id=self.rank,
-            num_shards=self.world,
-            num_threads=cfg.data.num_threads,
-            device_id=self.device.index if self.device.type == "cuda" else None,
-            seed=cfg.run.seed,
-            initial_fill=cfg.data.shuffle_buffer,
-            last_batch=cfg.data.last_batch,
+            DaliConfig(
+                batch_size=cfg.data.batch_size,
+                last_batch=cfg.data.last_batch,
+                device="gpu" if self.device.type == "cuda" else "cpu",
+                device_id=self.device.index if self.device.type == "cuda" else None,
+                num_threads=cfg.data.num_threads,
+                seed=cfg.run.seed,
+                initial_fill=cfg.data.shuffle_buffer,
+            ),
+            rank=self.rank,
+            world_size=self.world,
         )
         self.steps_per_epoch = len(self.data)
         if self.steps_per_epoch == 0:
@@ -227,6 +240,15 @@ class Trainer:
         times.forward, times.backward, times.optimizer = t1 - t0, t2 - t1, t3 - t2
         return loss_value
 
+    def _any_rank_stopping(self) -> bool:
+        """A SIGTERM reaches one worker; every rank must leave the loop at the same step."""
+        if self.world == 1 or not dist.is_initialized():
+            return self.stop_requested
+        flag = torch.tensor([1.0 if self.stop_requested else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        self.stop_requested = bool(flag.item())
+        return self.stop_requested
+
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -235,16 +257,16 @@ class Trainer:
         cfg, st = self.cfg, self.state
         self._log_start()
         progress = self._progress_bar()
-        last_eval: dict[str, Any] = {}
+        last_eval = self.evaluate()  # step 0: the accuracy training starts from
         window_start, window_images = time.perf_counter(), 0
         while st.step < self.total_steps and not self.stop_requested:
             self.engine.train()
             self.head.train()
             t_data = time.perf_counter()
-            for images, labels in self.data:
+            for batch in self.data:
                 times = StepTimes(data=time.perf_counter() - t_data)
                 self.set_lr(self.schedule.lr(st.step))
-                loss = self.train_step(images, labels, times)
+                loss = self.train_step(batch.images, batch.labels, times)
                 st.step += 1
                 st.samples_seen += self.global_batch
                 window_images += self.global_batch
@@ -255,7 +277,7 @@ class Trainer:
                     self._emit(record, progress)
                 if cfg.eval.every_steps and st.step % cfg.eval.every_steps == 0 and st.step < self.total_steps:
                     last_eval = self.evaluate()
-                if st.step >= self.total_steps or self.stop_requested:
+                if st.step >= self.total_steps or self._any_rank_stopping():
                     break
                 t_data = time.perf_counter()
             else:
