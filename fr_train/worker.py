@@ -342,7 +342,7 @@ class Trainer:
             "backbone_gflops": round(self.backbone_flops / 1e9, 3),
             "host": socket.gethostname(),
         }
-        print(f"[fr_train] {self.cfg.backbone.name}: {info['backbone_gflops']} GFLOPs (multiply-adds) per "
+        print(f"[fr_train] {self.cfg.backbone.name}: {info['backbone_gflops']} GFLOPs (2 × multiply-adds) forward per "
               f"{self.image_size[0]}x{self.image_size[1]} image; {self.num_classes} classes over {self.world} "
               f"rank(s); global batch {self.global_batch}; {self.total_steps} steps", flush=True)
         with self.log_path.open("a") as f:
