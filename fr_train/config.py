@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+import tomllib
 
 
 class ConfigError(ValueError):
@@ -104,6 +105,8 @@ class ScheduleConfig:
 
 @dataclass
 class EvalConfig:
+    enabled: bool = True
+    """Evaluate at step 0, every `every_steps` and at the end (false: never)."""
     every_steps: int = 2000
     """Evaluate every N steps (0: only at the end)."""
     sets: list[str] = field(default_factory=list)
@@ -274,9 +277,9 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
-        if value is None or (isinstance(value, str) and value.lower() in ("", "none", "null")):
-            if type(None) in args:
-                return None
+        is_null = value is None or (isinstance(value, str) and value.lower() in ("", "none", "null"))
+        if is_null and type(None) in args:
+            return None
         errors = []
         for arg in args:
             if arg is type(None):

@@ -7,8 +7,9 @@ Gradient contract (see fr_train/heads): the head returns the GLOBAL mean loss, i
 every rank, and back-propagates into each rank's embeddings exactly d(global loss)/d(local
 embeddings). The backbone gradient of rank r is then rank r's share of the full gradient; the
 shares sum to d(global loss)/dθ. DeepSpeed AVERAGES gradients over the W data-parallel ranks,
-so the loss handed to `engine.backward` is multiplied by W: after averaging, every rank holds
-exactly d(global mean loss)/dθ, the same objective as one process on the whole global batch.
+so the embeddings enter the head through `scale_backbone_grad(·, W)` (identity forward, ×W
+backward, the head's own gradients untouched): after averaging, every rank holds exactly
+d(global mean loss)/dθ, the same objective as one process on the whole global batch.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from fr_train.config import TrainConfig
+from fr_train.heads import scale_backbone_grad
 from fr_train.schedule import PolySchedule, scaled_lr
 
 
@@ -134,7 +136,7 @@ class Trainer:
         from data_pipeline.dataset import open_dataset
         from fr_train.backbones import build_backbone
         from fr_train.backbones.flops import count_flops
-        from fr_train.heads import VPLConfig, build_margin, PartialFC
+        from fr_train.heads import CombinedMargin, PartialFC, VPLConfig
 
         cfg = self.cfg
         data_dir = Path(cfg.data.path or "")
@@ -179,20 +181,21 @@ class Trainer:
             model=backbone, optimizer=opt, config=deepspeed_config(cfg, self.precision, base_lr),
             dist_init_required=False,
         )
-        # Each rank draws different negatives: offset the head's sampler seed by rank.
-        seed_everything(cfg.run.seed + 1000 * self.rank + 1)
+        # The head's initial rows are drawn per class block (the same for any world size) and its
+        # negative sampler is seeded from (head.seed, rank): each rank draws its own negatives.
         h = cfg.head
         vpl = VPLConfig(lambda_=h.vpl_lambda, delta_t=h.vpl_delta_t, start_iter=h.vpl_start_iter) if h.vpl else None
+        margin = CombinedMargin(s=h.s, m1=h.m1, m2=h.m2, m3=h.m3, linear=h.margin == "softmax")
         self.head = PartialFC(
-            self.num_classes, cfg.backbone.embedding_size, build_margin(h.margin, s=h.s, m1=h.m1, m2=h.m2, m3=h.m3),
-            sample_rate=h.sample_rate, vpl=vpl, seed=h.seed,
-            storage_dtype=getattr(torch, h.storage_dtype),
-        ).to(self.device)
+            self.num_classes, cfg.backbone.embedding_size, margin, sample_rate=h.sample_rate, vpl=vpl,
+            seed=h.seed, storage_dtype=getattr(torch, h.storage_dtype), device=self.device,
+        )
         self.head_optimizer = self.head.make_optimizer(
             kind=cfg.optimizer.name, lr=base_lr, momentum=cfg.optimizer.momentum,
             weight_decay=cfg.optimizer.weight_decay,
         )
-        self.eval_sets = self._load_eval_sets(data_dir) if self.rank == 0 else []
+        self.data_dir = data_dir
+        self.eval_sets = self._load_eval_sets(data_dir) if self.rank == 0 and cfg.eval.enabled else []
 
     def _backbone_optimizer(self, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
         o = self.cfg.optimizer
@@ -209,16 +212,17 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def set_lr(self, lr: float) -> None:
-        for group in self.engine.optimizer.param_groups:
-            group["lr"] = lr
-        self.head_optimizer.set_lr(lr)
+        for opt in (self.engine.optimizer, self.head_optimizer):
+            for group in opt.param_groups:
+                group["lr"] = lr
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor, times: StepTimes) -> float:
         t0 = time.perf_counter()
         if self.device.type == "cuda":
             images = images.contiguous(memory_format=torch.channels_last)
         embeddings = self.engine(images)
-        loss = self.head(embeddings.float(), labels)
+        # ×W on the backbone's gradient only: DeepSpeed averages it over ranks (module docstring).
+        loss = self.head(scale_backbone_grad(embeddings.float(), self.world), labels)
         self._sync()
         t1 = time.perf_counter()
         loss_value = float(loss.detach())
@@ -228,12 +232,18 @@ class Trainer:
                 f"{self.cfg.run.name}: lower optimizer.lr (now {self.schedule.base_lr:g} after scaling), "
                 "add warmup (schedule.warmup_steps) or check the data; the last checkpoint is intact"
             )
-        # ×W: DeepSpeed averages the data-parallel gradients (module docstring).
-        self.engine.backward(loss * self.world)
+        loss_scale = self._loss_scale()
+        self.engine.backward(loss)
         self._sync()
         t2 = time.perf_counter()
+        skipped_before = self.engine.skipped_steps
         self.engine.step()
-        self.head_optimizer.step()
+        if self.engine.skipped_steps == skipped_before:
+            if loss_scale != 1.0:  # fp16: the head's gradients carry DeepSpeed's loss scale too
+                for p in self.head.parameters():
+                    if p.grad is not None:
+                        p.grad.mul_(1.0 / loss_scale)
+            self.head_optimizer.step()
         self.head_optimizer.zero_grad()
         self._sync()
         t3 = time.perf_counter()
@@ -248,6 +258,12 @@ class Trainer:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         self.stop_requested = bool(flag.item())
         return self.stop_requested
+
+    def _loss_scale(self) -> float:
+        """DeepSpeed's current dynamic loss scale (fp16), 1.0 otherwise."""
+        if self.precision != "fp16":
+            return 1.0
+        return float(getattr(self.engine.optimizer, "cur_scale", getattr(self.engine.optimizer, "loss_scale", 1.0)))
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -338,7 +354,7 @@ class Trainer:
             "event": "start", "run": self.cfg.run.name, "world_size": self.world, "device": str(self.device),
             "precision": self.precision, "num_classes": self.num_classes, "steps_per_epoch": self.steps_per_epoch,
             "total_steps": self.total_steps, "global_batch": self.global_batch, "base_lr": self.schedule.base_lr,
-            "backbone": self.cfg.backbone.name,
+            "backbone": self.cfg.backbone.name, "data_dir": str(self.data_dir),
             "backbone_gflops": round(self.backbone_flops / 1e9, 3),
             "host": socket.gethostname(),
         }

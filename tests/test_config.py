@@ -28,7 +28,7 @@ def test_overrides_are_typed_and_win_over_the_preset():
 
 
 def test_unknown_key_lists_the_valid_keys():
-    with pytest.raises(ConfigError, match="unknown config key 'head.sampel_rate'.*head.sample_rate"):
+    with pytest.raises(ConfigError, match=r"unknown config key 'head.sampel_rate'.*head.sample_rate"):
         build_config("r50", "arcface", overrides=["head.sampel_rate=0.1"])
 
 
@@ -47,9 +47,9 @@ def test_bad_values_name_the_field_and_the_range(override, message):
 
 
 def test_unknown_method_and_backbone_list_the_choices():
-    with pytest.raises(ConfigError, match="unknown method 'arcfce'.*arcface"):
+    with pytest.raises(ConfigError, match=r"unknown method 'arcfce'.*arcface"):
         build_config("r50", "arcfce")
-    with pytest.raises(ConfigError, match="backbone.name: must be one of .*r100"):
+    with pytest.raises(ConfigError, match=r"backbone.name: must be one of .*r100"):
         build_config("r1000", "arcface")
 
 

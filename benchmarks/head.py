@@ -1,0 +1,197 @@
+"""Step time and peak memory of the sharded head vs an insightface PartialFC_V2-style baseline.
+
+One training step of the head alone (forward + backward + optimizer step) at world size 1,
+batch 128, embedding 512, for growing class counts and sample rates 1.0 / 0.3 / 0.1.
+
+Baseline (written here, as arcface_torch's PartialFC_V2 does it): ONE full-shard nn.Parameter
+indexed by the sampled rows (autograd gives a dense num_classes × 512 gradient), a random
+permutation on the CPU each step, torch.optim.SGD(momentum=0.9, weight_decay=5e-4) over the whole
+shard (every row moves every step), ArcFace logits + F.cross_entropy.
+Ours: fr_train.heads.PartialFC + its row-sparse SGD (same hyper-parameters).
+
+Memory method: process RSS sampled every 2 ms by a psutil thread; reported = peak RSS during
+construction + steps minus RSS before the head was built (tracemalloc does not see torch's
+allocator). Everything runs in one process, configurations one after another, freed in between.
+
+    python benchmarks/head.py                       # 10k, 100k, 1M classes (1M: rates < 1 only)
+    python benchmarks/head.py --classes 10000 --steps 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import math
+import platform
+import statistics
+import threading
+import time
+from dataclasses import dataclass
+
+import psutil
+import torch
+import torch.nn.functional as F
+
+from fr_train.heads import CombinedMargin, PartialFC
+
+
+def fixed_malloc_thresholds() -> None:
+    """Make glibc return freed large blocks to the OS (fixed mmap threshold), so the RSS of one
+    configuration does not hide inside memory cached from the previous one."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    libc.mallopt(m_mmap_threshold, 1 << 16)
+    libc.mallopt(m_trim_threshold, 1 << 16)
+
+
+class PeakRSS:
+    """Peak resident set size of this process while the context is open (sampled)."""
+
+    def __init__(self, interval_s: float = 0.002) -> None:
+        self.proc, self.interval, self.peak, self._stop = psutil.Process(), interval_s, 0, threading.Event()
+
+    def __enter__(self) -> PeakRSS:
+        self.start = self.proc.memory_info().rss
+        self.peak = self.start
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            time.sleep(self.interval)
+
+    def __exit__(self, *exc: object) -> None:
+        self.peak = max(self.peak, self.proc.memory_info().rss)
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def delta_mb(self) -> float:
+        return (self.peak - self.start) / 2**20
+
+
+class BaselinePartialFCV2:
+    """What arcface_torch's PartialFC_V2 does per step, single process (see module docstring)."""
+
+    def __init__(self, num_classes: int, dim: int, sample_rate: float, margin: CombinedMargin) -> None:
+        self.weight = torch.nn.Parameter(torch.normal(0, 0.01, (num_classes, dim)))
+        self.num_classes, self.sample_rate, self.margin = num_classes, sample_rate, margin
+        self.num_sample = int(sample_rate * num_classes)
+        self.opt = torch.optim.SGD([self.weight], lr=0.1, momentum=0.9, weight_decay=5e-4)
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        self.opt.zero_grad()
+        if self.sample_rate < 1.0:
+            positive = torch.unique(y)
+            perm = torch.randperm(self.num_classes)  # on the CPU, every step
+            negatives = perm[~torch.isin(perm, positive)][: max(0, self.num_sample - positive.numel())]
+            index = torch.cat([positive, negatives]).sort().values
+            labels = torch.searchsorted(index, y)
+            w = self.weight[index]  # autograd: dense [num_classes, dim] gradient
+        else:
+            labels, w = y, self.weight
+        cos = F.linear(F.normalize(x), F.normalize(w)).clamp(-1, 1)
+        target = self.margin.target_cos(cos.gather(1, labels[:, None]))
+        logits = cos.scatter(1, labels[:, None], target) * self.margin.s
+        loss = F.cross_entropy(logits, labels)
+        loss.backward()
+        self.opt.step()
+        return float(loss.detach())
+
+
+class Ours:
+    def __init__(self, num_classes: int, dim: int, sample_rate: float, margin: CombinedMargin) -> None:
+        self.head = PartialFC(num_classes, dim, margin, sample_rate=sample_rate)
+        self.opt = self.head.make_optimizer(0.1, momentum=0.9, weight_decay=5e-4)
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        self.opt.zero_grad()
+        loss = self.head(x, y)
+        loss.backward()
+        self.opt.step()
+        return float(loss.detach())
+
+
+@dataclass
+class Row:
+    impl: str
+    classes: int
+    rate: float
+    step_ms: float
+    peak_mb: float
+
+
+def measure(impl: str, cls: type[BaselinePartialFCV2 | Ours], classes: int, rate: float,
+            batch: int, dim: int, steps: int) -> Row:
+    gen = torch.Generator().manual_seed(0)
+    gc.collect()
+    with PeakRSS() as mem:
+        model = cls(classes, dim, rate, CombinedMargin.arcface())
+        times = []
+        for i in range(steps + 1):  # first step is warm-up
+            x = torch.randn(batch, dim, generator=gen).requires_grad_(True)
+            y = torch.randint(0, classes, (batch,), generator=gen)
+            t0 = time.perf_counter()
+            loss = model.step(x, y)
+            if i:
+                times.append(time.perf_counter() - t0)
+            if not math.isfinite(loss):
+                raise RuntimeError(f"{impl} produced a non-finite loss at {classes} classes, rate {rate}")
+    del model
+    gc.collect()
+    return Row(impl, classes, rate, 1000 * statistics.median(times), mem.delta_mb)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--classes", default="10000,100000,1000000")
+    p.add_argument("--rates", default="1.0,0.3,0.1")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--dim", type=int, default=512)
+    p.add_argument("--steps", type=int, default=3, help="timed steps per configuration (after 1 warm-up)")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--dense-max-classes", type=int, default=200_000,
+                   help="skip sample_rate 1.0 above this class count (the same dense work for both; minutes on CPU)")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    fixed_malloc_thresholds()
+    measure("warmup", Ours, 1000, 0.5, args.batch, args.dim, 1)  # load kernels/allocator pools once
+    rows: list[Row] = []
+    print(f"{'classes':>9} {'rate':>5} | {'baseline ms':>11} {'ours ms':>9} {'speedup':>7} | "
+          f"{'baseline MB':>11} {'ours MB':>9} {'ratio':>6}")
+    for classes in (int(c) for c in args.classes.split(",")):
+        for rate in (float(r) for r in args.rates.split(",")):
+            if rate >= 1.0 and classes > args.dense_max_classes:
+                print(f"{classes:>9} {rate:>5.2f} | skipped (--dense-max-classes {args.dense_max_classes})")
+                continue
+            pair = [measure(impl, cls, classes, rate, args.batch, args.dim, args.steps)
+                    for impl, cls in (("baseline_pfc_v2", BaselinePartialFCV2), ("ours", Ours))]
+            rows += pair
+            b, o = pair
+            print(f"{classes:>9} {rate:>5.2f} | {b.step_ms:>11.1f} {o.step_ms:>9.1f} {b.step_ms / o.step_ms:>6.2f}x | "
+                  f"{b.peak_mb:>11.0f} {o.peak_mb:>9.0f} {b.peak_mb / max(o.peak_mb, 1e-9):>5.2f}x", flush=True)
+    largest = max(r.classes for r in rows)
+    ratio = {
+        f"rate_{r.rate}": {
+            "time_speedup": next(b.step_ms for b in rows if b.impl != "ours" and (b.classes, b.rate) == (r.classes, r.rate)) / r.step_ms,
+            "memory_ratio": next(b.peak_mb for b in rows if b.impl != "ours" and (b.classes, b.rate) == (r.classes, r.rate)) / max(r.peak_mb, 1e-9),
+        }
+        for r in rows if r.impl == "ours" and r.classes == largest
+    }
+    print(json.dumps({
+        "benchmark": "head", "device": f"cpu ({platform.processor() or platform.machine()}, {args.threads} threads)",
+        "torch": torch.__version__, "batch": args.batch, "dim": args.dim, "steps": args.steps,
+        "memory_method": "psutil RSS sampled every 2 ms: peak minus RSS before construction",
+        "results": [r.__dict__ for r in rows], "largest_classes": largest, "baseline_over_ours_at_largest": ratio,
+    }))
+
+
+if __name__ == "__main__":
+    main()

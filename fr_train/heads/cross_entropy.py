@@ -1,0 +1,114 @@
+"""Distributed margin softmax cross-entropy over column-sharded logits, with one logit buffer.
+
+Rank r holds the logits of the global batch against its sampled prototype rows. The loss is the
+softmax cross-entropy over the UNION of all ranks' columns:
+``ℓ_i = max_i + log Σ_j exp(z_ij − max_i) − z_{i,y_i}`` with ``max_i`` all-reduced (MAX) and the
+exp-sum and the target logit all-reduced (SUM; the target lives on exactly one rank). The mean over
+the global batch is identical on every rank.
+
+Memory: the ``B × S`` logit buffer is turned into the softmax in place and kept for backward, where
+``dL/dz = (softmax − onehot)/B`` is formed in place again: there is never a second ``B × S`` copy
+(autograd through ``exp``/``log_softmax`` would keep several). The margin only touches the ``B``
+target cosines; its slope is applied to those entries in backward.
+
+Backward returns this shard's contribution to ``dL/dx`` for ALL gathered rows; the gather's
+backward sums those contributions over ranks (each shard counted once).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from fr_train.heads.collectives import all_reduce_
+from fr_train.heads.margin import CombinedMargin
+from fr_train.heads.sharding import Comm
+
+
+def _matmul(a: torch.Tensor, b: torch.Tensor, matmul_dtype: torch.dtype | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """``a @ b`` in ``out_dtype``; with ``matmul_dtype`` (bf16/fp16 on GPU) the product runs in that
+    dtype with fp32 accumulation (cuBLAS default) and is returned in ``out_dtype``."""
+    if matmul_dtype is not None and matmul_dtype != out_dtype:
+        return torch.matmul(a.to(matmul_dtype), b.to(matmul_dtype)).to(out_dtype)
+    return torch.matmul(a.to(out_dtype), b.to(out_dtype))
+
+
+class MarginSoftmaxCE(torch.autograd.Function):
+    """Loss of the global batch against column shards; see the module docstring."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        x: torch.Tensor,
+        w: torch.Tensor,
+        bias: torch.Tensor | None,
+        target_col: torch.Tensor,
+        margin: CombinedMargin,
+        comm: Comm,
+        matmul_dtype: torch.dtype | None,
+    ) -> torch.Tensor:
+        dtype = torch.float64 if torch.float64 in (x.dtype, w.dtype) else torch.float32
+        batch, num_cols = x.shape[0], w.shape[0]
+        logits = _matmul(x, w.t(), matmul_dtype, dtype)  # [B, S] cosines (or raw logits if linear)
+        if bias is not None:
+            logits += bias.to(dtype)
+
+        rows = torch.nonzero(target_col >= 0).squeeze(1)
+        cols = target_col[rows]
+        if margin.linear:
+            slope = None
+        else:
+            # s·(g(cos θ_y) − m3) on the target, s·cos θ elsewhere (margin.py).
+            target_cos, slope = margin.target_cos_and_slope(logits[rows, cols])
+            logits.mul_(margin.s)
+            logits[rows, cols] = margin.s * target_cos
+        target = logits.new_zeros(batch)
+        target[rows] = logits[rows, cols]
+
+        row_max = logits.max(dim=1).values if num_cols > 0 else logits.new_full((batch,), float("-inf"))
+        all_reduce_(comm, row_max, dist.ReduceOp.MAX)
+        logits.sub_(row_max.unsqueeze(1)).exp_()
+        sums = torch.stack([logits.sum(dim=1), target])
+        all_reduce_(comm, sums, dist.ReduceOp.SUM)
+        sum_exp, target = sums[0], sums[1]
+        logits.div_(sum_exp.unsqueeze(1))  # the softmax, in the same buffer
+        loss = (sum_exp.log() + row_max - target).mean()
+
+        ctx.save_for_backward(x, w, rows, cols, *(() if slope is None else (slope,)))
+        ctx.probs = logits
+        ctx.margin, ctx.has_bias, ctx.matmul_dtype = margin, bias is not None, matmul_dtype
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss: torch.Tensor):  # type: ignore[override]
+        x, w, rows, cols, *maybe_slope = ctx.saved_tensors
+        grad = ctx.probs  # consumed in place: the graph cannot be back-propagated twice
+        ctx.probs = None
+        batch = grad.shape[0]
+        grad[rows, cols] -= 1.0
+        grad.mul_(grad_loss.to(grad.dtype) / batch)  # dL/dz = (softmax − onehot)·g/B
+        grad_bias = grad.sum(dim=0) if ctx.has_bias else None
+        margin: CombinedMargin = ctx.margin
+        if not margin.linear:
+            grad.mul_(margin.s)  # dz/dcos = s off-target
+            grad[rows, cols] *= maybe_slope[0]  # and s·g'(cos) on the target
+        grad_x = _matmul(grad, w, ctx.matmul_dtype, grad.dtype).to(x.dtype) if ctx.needs_input_grad[0] else None
+        grad_w = _matmul(grad.t(), x, ctx.matmul_dtype, grad.dtype).to(w.dtype) if ctx.needs_input_grad[1] else None
+        if grad_bias is not None:
+            grad_bias = grad_bias.to(w.dtype)
+        return grad_x, grad_w, grad_bias, None, None, None, None
+
+
+def margin_softmax_ce(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor | None,
+    target_col: torch.Tensor,
+    margin: CombinedMargin,
+    comm: Comm,
+    matmul_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Global-batch mean loss. ``x``: [B, D] gathered features; ``w``: [S, D] this rank's columns;
+    ``target_col``: [B] column of each row's class in ``w`` or −1 where another rank owns it."""
+    return MarginSoftmaxCE.apply(x, w, bias, target_col, margin, comm, matmul_dtype)
