@@ -151,8 +151,10 @@ class _Pusher(threading.Thread):
     def run(self) -> None:
         delay = 0.0  # first push right away: the run shows up before its first step completes
         while not self.stop_event.wait(delay):
-            delay = self.interval if self.push() else min(max(delay, self.interval) * 2, max(MAX_BACKOFF_S,
-                                                                                              self.interval))
+            if self.push():
+                delay = self.interval
+            else:  # exponential backoff while the gateway is down
+                delay = min(max(delay, self.interval) * 2, max(MAX_BACKOFF_S, self.interval))
 
 
 class RunMetrics:

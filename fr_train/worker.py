@@ -114,6 +114,7 @@ class Trainer:
         device: torch.device,
         report: Callable[[dict[str, Any]], None] | None = None,
         data: BatchSource | None = None,
+        job_id: str = "local",
     ) -> None:
         self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
         self._data_override = data
@@ -127,6 +128,10 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.json").write_text(cfg.to_json())
         self._build()
+        from fr_train.metrics import RunMetrics
+
+        self.metrics = RunMetrics(cfg.metrics, cfg.run.name, job_id, rank, world, socket.gethostname(),
+                                  checkpoint_interval_s=cfg.checkpoint.every_minutes * 60, device=device)
 
     # ------------------------------------------------------------------ construction
     def _build(self) -> None:
@@ -227,6 +232,8 @@ class Trainer:
         t1 = time.perf_counter()
         loss_value = float(loss.detach())
         if not math.isfinite(loss_value):
+            self._observe(loss_value, times)  # so the NaN-loss alert sees it before the job stops
+            self.metrics.close(clean=False)
             raise NonFiniteLossError(
                 f"loss is {loss_value} at step {self.state.step} (epoch {self.state.epoch}) of run "
                 f"{self.cfg.run.name}: lower optimizer.lr (now {self.schedule.base_lr:g} after scaling), "
@@ -286,6 +293,7 @@ class Trainer:
                 st.step += 1
                 st.samples_seen += self.global_batch
                 window_images += self.global_batch
+                self._observe(loss, times)
                 if st.step % cfg.run.log_every == 0 or st.step == self.total_steps:
                     elapsed = time.perf_counter() - window_start
                     record = self._record(loss, times, window_images / max(elapsed, 1e-9))
@@ -306,6 +314,22 @@ class Trainer:
         return st
 
     # ------------------------------------------------------------------ logging / eval / end
+    def _observe(self, loss: float, times: StepTimes) -> None:
+        step_s = max(times.total, 1e-9)
+        grad_norm = self.engine.get_global_grad_norm()
+        injected = self.head.last_vpl_injected
+        self.metrics.observe_step(
+            step=self.state.step, epoch=self.state.epoch, loss=loss, lr=self.schedule.lr(max(self.state.step - 1, 0)),
+            images_per_s_rank=self.cfg.data.batch_size / step_s, images_per_s_global=self.global_batch / step_s,
+            samples_seen=self.state.samples_seen, data_s=times.data, forward_s=times.forward,
+            backward_s=times.backward, optimizer_s=times.optimizer, step_s=step_s,
+            grad_norm=None if grad_norm is None else float(grad_norm),
+            loss_scale=self._loss_scale() if self.precision == "fp16" else None,
+            skipped_steps=int(self.engine.skipped_steps),
+            sampled_classes=None if self.head.last_sampled_classes is None else self.head.last_sampled_classes.numel(),
+            vpl_injected_fraction=None if injected is None else float(injected),
+        )
+
     def _record(self, loss: float, times: StepTimes, images_per_s: float) -> dict[str, Any]:
         rec = {
             "step": self.state.step,
@@ -376,6 +400,8 @@ class Trainer:
             for vs in self.eval_sets:
                 r = evaluate_verification(model, vs, batch_size=self.cfg.eval.batch_size, device=self.device)
                 results[vs.name] = r
+                self.metrics.observe_eval(vs.name, r["accuracy"], {
+                    float(k.removeprefix("tar_at_far_")): v for k, v in r.items() if k.startswith("tar_at_far_")})
                 line = {"event": "eval", "step": self.state.step, "set": vs.name, **r}
                 with self.log_path.open("a") as f:
                     f.write(json.dumps(line) + "\n")
@@ -403,6 +429,7 @@ class Trainer:
         flat = {f"eval/{name}/{k}": v for name, r in last_eval.items() for k, v in r.items()
                 if isinstance(v, int | float)}
         self.report({"step": self.state.step, "done": 1, **flat})
+        self.metrics.close(clean=True)
 
 
 def train_loop(loop_config: dict[str, Any]) -> None:
@@ -419,7 +446,10 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         device = torch.device("cpu")
         torch.set_num_threads(max(1, cfg.run.cpus_per_worker))
     os.environ.setdefault("LOCAL_RANK", str(ctx.get_local_rank()))
-    trainer = Trainer(cfg, rank, world, device, report=lambda m: ray.train.report(m))
+    import ray
+
+    trainer = Trainer(cfg, rank, world, device, report=lambda m: ray.train.report(m),
+                      job_id=ray.get_runtime_context().get_job_id())
 
     def _on_sigterm(signum: int, frame: Any) -> None:  # preemption notice: finish the step, then stop
         trainer.stop_requested = True

@@ -34,7 +34,7 @@ from fr_train.heads.margin import CombinedMargin
 from fr_train.heads.optim import RowSparseAdamW, RowSparseSGD
 from fr_train.heads.sampling import ClassSampler, sampler_seed
 from fr_train.heads.sharding import SPLIT_RULE, class_shard, resolve_group
-from fr_train.heads.vpl import NEVER_WRITTEN, VPLConfig, inject, write_latest
+from fr_train.heads.vpl import NEVER_WRITTEN, VPLConfig, fresh_rows, inject, write_latest
 
 STATE_FORMAT = "fr_train.heads.PartialFC/1"
 _INIT_BLOCK = 4096  # classes per init block: the initial weights do not depend on the world size
@@ -137,6 +137,7 @@ class PartialFC(nn.Module):
         self.iteration = 0
         self.sampler = ClassSampler(self.num_local, sample_rate, seed, self.comm.rank, dev)
         self.last_sampled_classes: torch.Tensor | None = None
+        self.last_vpl_injected: torch.Tensor | None = None
         self.optimizer: RowSparseSGD | RowSparseAdamW | None = None
 
     @property
@@ -218,6 +219,9 @@ class PartialFC(nn.Module):
             memory = self.vpl_memory if idx is None else self.vpl_memory.index_select(0, idx)
             memory_iter = self.vpl_memory_iter if idx is None else self.vpl_memory_iter.index_select(0, idx)
             w = inject(self.vpl, w, memory.detach(), memory_iter, step)
+            # Fraction of this rank's prototypes in the step that were variational (a 0-d tensor:
+            # reading it is the caller's choice, so the step itself never waits on the device).
+            self.last_vpl_injected = fresh_rows(self.vpl, memory_iter, step).float().mean()
 
         target_col = torch.full_like(y, -1)
         target_col[owned] = cols

@@ -37,6 +37,13 @@ class VPLConfig:
         return {"lambda_": self.lambda_, "delta_t": self.delta_t, "start_iter": self.start_iter}
 
 
+def fresh_rows(config: VPLConfig, memory_iter: torch.Tensor, step: int) -> torch.Tensor:
+    """Rows whose memory is injected at `step`: written, and at most Δt steps old, after start_iter."""
+    if step <= config.start_iter or config.lambda_ == 0.0:
+        return torch.zeros_like(memory_iter, dtype=torch.bool)
+    return (memory_iter != NEVER_WRITTEN) & (step - memory_iter <= config.delta_t)
+
+
 def inject(
     config: VPLConfig,
     normalized_weight: torch.Tensor,
@@ -47,7 +54,7 @@ def inject(
     """Variational prototypes for the given rows (all tensors hold the same rows)."""
     if step <= config.start_iter or config.lambda_ == 0.0:
         return normalized_weight
-    fresh = (memory_iter != NEVER_WRITTEN) & (step - memory_iter <= config.delta_t)
+    fresh = fresh_rows(config, memory_iter, step)
     lam = torch.where(fresh, config.lambda_, 0.0).to(normalized_weight.dtype).unsqueeze(1)
     mixed = (1.0 - lam) * normalized_weight + lam * memory.to(normalized_weight.dtype)
     return F.normalize(mixed, dim=1)
