@@ -45,6 +45,7 @@ def prepare_data(cfg: TrainConfig) -> Path:
             holdout_identities=s.holdout_identities,
             num_pairs=s.num_pairs,
             difficulty=s.difficulty,
+            image_size=s.image_size,
             seed=s.seed,
         )
         cache = Path(cfg.data.cache_dir).expanduser() / "synthetic"
@@ -110,5 +111,22 @@ def launch(cfg: TrainConfig) -> int:
     if result.error is not None:
         print(f"[fr_train] run {cfg.run.name} FAILED: {result.error}", flush=True)
         return 1
-    print("[fr_train] finished: " + json.dumps(result.metrics, default=str), flush=True)
+    print(summarize_run(storage / cfg.run.name), flush=True)
     return 0
+
+
+def summarize_run(run_dir: Path) -> str:
+    """One line on how the run ended, from rank 0's JSON-lines log."""
+    log = run_dir / "train_log.jsonl"
+    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.is_file() else []
+    evals = [r for r in records if r.get("event") == "eval"]
+    end = next((r for r in reversed(records) if r.get("event") == "end"), None)
+    if end is None:
+        return f"[fr_train] run finished without an end record; see {log}"
+    parts = [f"[fr_train] finished {end['step']} steps; model in {end['final_dir']}"]
+    for name in dict.fromkeys(r["set"] for r in evals):
+        first = next(r for r in evals if r["set"] == name)
+        last = [r for r in evals if r["set"] == name][-1]
+        parts.append(f"{name}: accuracy {first['accuracy']:.4f} (step {first['step']}) -> "
+                     f"{last['accuracy']:.4f} (step {last['step']})")
+    return "; ".join(parts)

@@ -32,6 +32,8 @@ class SyntheticDataConfig:
     holdout_identities: int = 100
     num_pairs: int = 1000
     difficulty: float = 0.5
+    image_size: int = 112
+    """Side of the square crops; 64 makes CPU runs ~3x cheaper (the backbones size their head to it)."""
     seed: int = 0
 
 
@@ -368,6 +370,8 @@ def validate(cfg: TrainConfig) -> None:
     _check(cfg.data.shuffle_buffer >= 0, "data.shuffle_buffer", "must be >= 0")
     _check(0.0 <= cfg.data.synthetic.difficulty <= 1.0, "data.synthetic.difficulty", "must be in [0, 1]")
     _check(cfg.data.synthetic.num_identities >= 2, "data.synthetic.num_identities", "must be >= 2")
+    _check(cfg.data.synthetic.image_size >= 32 and cfg.data.synthetic.image_size % 16 == 0,
+           "data.synthetic.image_size", "must be a multiple of 16 and >= 32 (standard: 112)")
     _check(cfg.data.synthetic.images_per_identity >= 2, "data.synthetic.images_per_identity", "must be >= 2")
     _check(0.0 < cfg.head.sample_rate <= 1.0, "head.sample_rate", "must be in (0, 1]")
     _check(cfg.head.s > 0, "head.s", "must be > 0")

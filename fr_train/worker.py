@@ -20,6 +20,7 @@ import os
 import random
 import signal
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -176,8 +177,11 @@ class Trainer:
 
         # Identical initial backbone on every rank (DeepSpeed also broadcasts rank 0's weights).
         seed_everything(cfg.run.seed)
+        if self.image_size[0] != self.image_size[1]:
+            raise ValueError(f"{data_dir}/property: images are {self.image_size[0]}x{self.image_size[1]}; "
+                             "the backbones take square crops (e.g. 112x112): re-pack with a square size")
         backbone = build_backbone(cfg.backbone.name, embedding_size=cfg.backbone.embedding_size,
-                                  dropout=cfg.backbone.dropout)
+                                  dropout=cfg.backbone.dropout, image_size=self.image_size[0])
         self.backbone_flops = count_flops(backbone, (1, 3, *self.image_size))
         if self.device.type == "cuda":
             backbone = backbone.to(self.device, memory_format=torch.channels_last)
@@ -332,6 +336,7 @@ class Trainer:
 
     def _record(self, loss: float, times: StepTimes, images_per_s: float) -> dict[str, Any]:
         rec = {
+            "time": round(time.time(), 3),
             "step": self.state.step,
             "epoch": self.state.epoch,
             "loss": round(loss, 6),
@@ -375,7 +380,7 @@ class Trainer:
         if self.rank != 0:
             return
         info = {
-            "event": "start", "run": self.cfg.run.name, "world_size": self.world, "device": str(self.device),
+            "event": "start", "time": round(time.time(), 3), "run": self.cfg.run.name, "world_size": self.world, "device": str(self.device),
             "precision": self.precision, "num_classes": self.num_classes, "steps_per_epoch": self.steps_per_epoch,
             "total_steps": self.total_steps, "global_batch": self.global_batch, "base_lr": self.schedule.base_lr,
             "backbone": self.cfg.backbone.name, "data_dir": str(self.data_dir),
@@ -402,7 +407,7 @@ class Trainer:
                 results[vs.name] = r
                 self.metrics.observe_eval(vs.name, r["accuracy"], {
                     float(k.removeprefix("tar_at_far_")): v for k, v in r.items() if k.startswith("tar_at_far_")})
-                line = {"event": "eval", "step": self.state.step, "set": vs.name, **r}
+                line = {"event": "eval", "time": round(time.time(), 3), "step": self.state.step, "set": vs.name, **r}
                 with self.log_path.open("a") as f:
                     f.write(json.dumps(line) + "\n")
                 print(f"[fr_train] eval step {self.state.step} {vs.name}: accuracy {r['accuracy']:.4f} "
@@ -421,6 +426,9 @@ class Trainer:
             model = self.engine.module.float().eval()
             save_backbone(model, out / "backbone.safetensors")
             (out / "config.json").write_text(self.cfg.to_json())
+            (out / "model.json").write_text(json.dumps({
+                "backbone": self.cfg.backbone.name, "embedding_size": self.cfg.backbone.embedding_size,
+                "image_size": self.image_size[0], "steps": self.state.step}))
             export_onnx(model.cpu(), out / "backbone.onnx", image_size=self.image_size[0])
             summary = {"event": "end", "step": self.state.step, "eval": last_eval, "final_dir": str(out)}
             with self.log_path.open("a") as f:
@@ -454,5 +462,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     def _on_sigterm(signum: int, frame: Any) -> None:  # preemption notice: finish the step, then stop
         trainer.stop_requested = True
 
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    # Ray Train V2 runs this function in a worker thread, where Python cannot install signal
+    # handlers; preemption handling there belongs to the checkpoint work (issue 5).
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
     trainer.fit()

@@ -315,3 +315,15 @@ def test_registry_cost_table_matches_measurement(name: str) -> None:
     model = _meta(name)
     assert count_macs(model) / 1e9 == pytest.approx(spec.gmacs, rel=0.002)
     assert count_parameters(model) / 1e6 == pytest.approx(spec.mparams, rel=0.002)
+
+
+@pytest.mark.parametrize("name", ["r18", "mbf"])
+def test_smaller_square_inputs_size_the_head_and_are_enforced(name: str) -> None:
+    """image_size=64 (CPU demos) sizes the FC/GDC head for a 4×4 map; other sizes are refused."""
+    model = build_backbone(name, image_size=64).eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 64, 64)).shape == (2, 512)
+    with pytest.raises(ValueError, match="expects N×3×64×64"):
+        model(torch.randn(1, 3, 112, 112))
+    with pytest.raises(ValueError, match="image_size must be a multiple of 16"):
+        build_backbone(name, image_size=100)

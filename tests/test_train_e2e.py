@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 # A small synthetic set: learnable in a couple of hundred CPU steps, built once per session.
 SYNTH = ["data.synthetic.num_identities=64", "data.synthetic.images_per_identity=16",
-         "data.synthetic.holdout_identities=40", "data.synthetic.num_pairs=400"]
+         "data.synthetic.holdout_identities=40", "data.synthetic.num_pairs=400", "data.synthetic.image_size=64"]
 SYNTH_FLAGS = [arg for s in SYNTH for arg in ("--set", s)]
 
 

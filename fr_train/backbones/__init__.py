@@ -39,21 +39,23 @@ class BackboneSpec:
 
 
 def _build_iresnet(name: str) -> Callable[..., nn.Module]:
-    def build(embedding_size: int = 512, dropout: float = 0.0, zero_init_residual: bool = False) -> nn.Module:
+    def build(embedding_size: int = 512, dropout: float = 0.0, zero_init_residual: bool = False,
+              image_size: int = 112) -> nn.Module:
         return iresnet(
-            name, embedding_size=embedding_size, dropout=dropout, zero_init_residual=zero_init_residual
+            name, embedding_size=embedding_size, dropout=dropout, zero_init_residual=zero_init_residual,
+            image_size=image_size,
         )
 
     return build
 
 
-def _build_mbf(embedding_size: int = 512, dropout: float = 0.0) -> nn.Module:
+def _build_mbf(embedding_size: int = 512, dropout: float = 0.0, image_size: int = 112) -> nn.Module:
     if dropout != 0.0:
         raise ValueError(
             f"backbone 'mbf' has no dropout layer (insightface's MobileFaceNet has none), got dropout={dropout}; "
             "use dropout=0 or an iResNet backbone"
         )
-    return MobileFaceNet(embedding_size=embedding_size)
+    return MobileFaceNet(embedding_size=embedding_size, image_size=image_size)
 
 
 # Costs measured with fr_train.backbones.flops (conv + linear multiply-accumulates, 1×3×112×112 input);

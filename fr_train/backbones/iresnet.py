@@ -30,6 +30,14 @@ STAGE_WIDTHS: tuple[int, int, int, int] = (64, 128, 256, 512)
 INPUT_SIZE = 112
 #: Spatial size after the four stride-2 stages: 112 / 2**4.
 FINAL_SPATIAL = INPUT_SIZE // 16
+
+
+def check_image_size(image_size: int, model: str) -> int:
+    """Square inputs whose side is a multiple of 16 (four stride-2 stages); 112 is the standard
+    face crop, smaller sizes (e.g. 64) make CPU demos and tests affordable."""
+    if image_size < 32 or image_size % 16:
+        raise ValueError(f"{model}: image_size must be a multiple of 16 and >= 32 (standard: 112), got {image_size}")
+    return image_size
 BN_EPS = 1e-5
 
 
@@ -79,8 +87,10 @@ class IResNet(nn.Module):
         embedding_size: int = 512,
         dropout: float = 0.0,
         zero_init_residual: bool = False,
+        image_size: int = INPUT_SIZE,
     ) -> None:
         super().__init__()
+        self.image_size = check_image_size(image_size, "IResNet")
         if len(layers) != 4 or any(int(n) < 1 for n in layers):
             raise ValueError(f"IResNet needs 4 positive block counts (one per stage), got {list(layers)}")
         if embedding_size < 1:
@@ -105,7 +115,8 @@ class IResNet(nn.Module):
         # Output head ("E" in the paper): BN → dropout → FC over the whole 512×7×7 map → BN1d.
         self.bn2 = nn.BatchNorm2d(STAGE_WIDTHS[-1], eps=BN_EPS)
         self.dropout = nn.Dropout(p=dropout)
-        self.fc = nn.Linear(STAGE_WIDTHS[-1] * FINAL_SPATIAL * FINAL_SPATIAL, embedding_size)
+        final = image_size // 16
+        self.fc = nn.Linear(STAGE_WIDTHS[-1] * final * final, embedding_size)
         self.features = nn.BatchNorm1d(embedding_size, eps=BN_EPS)
         self._init_weights(zero_init_residual)
 
@@ -130,10 +141,11 @@ class IResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # (Skipped while tracing for ONNX export: there the shape is fixed by the example input.)
-        if not torch.jit.is_tracing() and (x.dim() != 4 or tuple(x.shape[1:]) != (3, INPUT_SIZE, INPUT_SIZE)):
+        size = self.image_size
+        if not torch.jit.is_tracing() and (x.dim() != 4 or tuple(x.shape[1:]) != (3, size, size)):
             raise ValueError(
-                f"IResNet expects N×3×{INPUT_SIZE}×{INPUT_SIZE} images (aligned face crops), got shape "
-                f"{tuple(x.shape)}; resize/align the crops to {INPUT_SIZE}×{INPUT_SIZE} first"
+                f"IResNet expects N×3×{size}×{size} images (aligned face crops), got shape "
+                f"{tuple(x.shape)}; resize/align the crops to {size}×{size} first"
             )
         x = self.prelu(self.bn1(self.conv1(x)))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
@@ -145,9 +157,10 @@ class IResNet(nn.Module):
 
 
 def iresnet(
-    name: str, embedding_size: int = 512, dropout: float = 0.0, zero_init_residual: bool = False
+    name: str, embedding_size: int = 512, dropout: float = 0.0, zero_init_residual: bool = False,
+    image_size: int = INPUT_SIZE,
 ) -> IResNet:
     """Build the named iResNet (`r18`, `r34`, `r50`, `r100`, `r200`)."""
     if name not in IRESNET_LAYERS:
         raise ValueError(f"unknown iResNet depth {name!r}; valid: {', '.join(IRESNET_LAYERS)}")
-    return IResNet(IRESNET_LAYERS[name], embedding_size, dropout, zero_init_residual)
+    return IResNet(IRESNET_LAYERS[name], embedding_size, dropout, zero_init_residual, image_size)

@@ -21,6 +21,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from fr_train.backbones.iresnet import check_image_size
+
 INPUT_SIZE = 112
 GDC_CHANNELS = 512
 
@@ -99,10 +101,10 @@ class ResidualStage(nn.Module):
 class GDCHead(nn.Module):
     """Global depthwise conv 7×7 (linear) → flatten → FC (no bias) → BN1d: the embedding head."""
 
-    def __init__(self, embedding_size: int) -> None:
+    def __init__(self, embedding_size: int, spatial: int = 7) -> None:
         super().__init__()
         self.layers = nn.Sequential(
-            ConvBN(GDC_CHANNELS, GDC_CHANNELS, kernel=7, groups=GDC_CHANNELS),
+            ConvBN(GDC_CHANNELS, GDC_CHANNELS, kernel=spatial, groups=GDC_CHANNELS),
             nn.Flatten(1),
             nn.Linear(GDC_CHANNELS, embedding_size, bias=False),
             nn.BatchNorm1d(embedding_size),
@@ -116,9 +118,11 @@ class MobileFaceNet(nn.Module):
     """MobileFaceNet: N×3×112×112 images in [-1, 1] → N×embedding_size embeddings (not L2-normalised)."""
 
     def __init__(
-        self, embedding_size: int = 512, blocks: Sequence[int] = (1, 4, 6, 2), scale: int = 2
+        self, embedding_size: int = 512, blocks: Sequence[int] = (1, 4, 6, 2), scale: int = 2,
+        image_size: int = INPUT_SIZE,
     ) -> None:
         super().__init__()
+        self.image_size = check_image_size(image_size, "MobileFaceNet")
         if len(blocks) != 4 or any(int(n) < 1 for n in blocks):
             raise ValueError(f"MobileFaceNet needs 4 positive stage depths, got {list(blocks)}")
         if scale < 1:
@@ -145,7 +149,7 @@ class MobileFaceNet(nn.Module):
         ]
         self.layers = nn.ModuleList(units)
         self.conv_sep = ConvBNPReLU(c2, GDC_CHANNELS, kernel=1)
-        self.features = GDCHead(embedding_size)
+        self.features = GDCHead(embedding_size, spatial=image_size // 16)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -159,10 +163,11 @@ class MobileFaceNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # (Skipped while tracing for ONNX export: there the shape is fixed by the example input.)
-        if not torch.jit.is_tracing() and (x.dim() != 4 or tuple(x.shape[1:]) != (3, INPUT_SIZE, INPUT_SIZE)):
+        size = self.image_size
+        if not torch.jit.is_tracing() and (x.dim() != 4 or tuple(x.shape[1:]) != (3, size, size)):
             raise ValueError(
-                f"MobileFaceNet expects N×3×{INPUT_SIZE}×{INPUT_SIZE} images (aligned face crops), got shape "
-                f"{tuple(x.shape)}; resize/align the crops to {INPUT_SIZE}×{INPUT_SIZE} first"
+                f"MobileFaceNet expects N×3×{size}×{size} images (aligned face crops), got shape "
+                f"{tuple(x.shape)}; resize/align the crops to {size}×{size} first"
             )
         for unit in self.layers:
             x = unit(x)

@@ -13,12 +13,12 @@ import torch
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="fr_eval", description="Evaluate a saved fr_train backbone on .bin "
                                 "verification sets (LFW 10-fold protocol with flip, TAR@FAR).")
-    p.add_argument("model", help="a run's final/ directory (backbone.safetensors + config.json) or the "
+    p.add_argument("model", help="a run's final/ directory (backbone.safetensors + model.json) or the "
                    "safetensors file itself (then --backbone is required)")
     p.add_argument("--bin", dest="bins", action="append", required=True, help=".bin set (repeatable)")
     p.add_argument("--backbone", default=None, help="backbone name when MODEL has no config.json beside it")
     p.add_argument("--embedding-size", type=int, default=None)
-    p.add_argument("--image-size", type=int, default=112)
+    p.add_argument("--image-size", type=int, default=None, help="input side (default: model.json's, else 112)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
@@ -29,21 +29,23 @@ def main(argv: list[str] | None = None) -> int:
 
     model_path = Path(args.model)
     weights = model_path / "backbone.safetensors" if model_path.is_dir() else model_path
-    cfg_path = weights.parent / "config.json"
-    name, emb = args.backbone, args.embedding_size
-    if cfg_path.is_file():
-        saved = json.loads(cfg_path.read_text())
-        name = name or saved["backbone"]["name"]
-        emb = emb or saved["backbone"]["embedding_size"]
+    meta_path = weights.parent / "model.json"
+    name, emb, size = args.backbone, args.embedding_size, args.image_size
+    if meta_path.is_file():
+        saved = json.loads(meta_path.read_text())
+        name = name or saved["backbone"]
+        emb = emb or saved["embedding_size"]
+        size = size or saved["image_size"]
     if name is None:
-        print(f"fr_eval: no config.json beside {weights}; pass --backbone", file=sys.stderr)
+        print(f"fr_eval: no model.json beside {weights}; pass --backbone", file=sys.stderr)
         return 2
-    model = build_backbone(name, embedding_size=emb or 512)
+    size = size or 112
+    model = build_backbone(name, embedding_size=emb or 512, image_size=size)
     model.load_state_dict(load_backbone_weights(weights))
     device = torch.device(args.device)
     model.to(device).eval()
     for b in args.bins:
-        vs = load_verification_set(b, (args.image_size, args.image_size))
+        vs = load_verification_set(b, (size, size))
         r = evaluate_verification(model, vs, args.batch_size, device)
         print(json.dumps({"set": vs.name, **r}))
     return 0

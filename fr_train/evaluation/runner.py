@@ -69,6 +69,12 @@ def embed_images(model: torch.nn.Module, images: torch.Tensor, batch_size: int, 
     return combine_flip(torch.cat(outs).numpy(), torch.cat(outs_flip).numpy())
 
 
+def far_name(far: float) -> str:
+    """1e-3 → '1e-3' (stable metric/log key names)."""
+    mantissa, exponent = f"{far:.0e}".split("e")
+    return f"{mantissa}e{int(exponent)}"
+
+
 def evaluate_verification(model: torch.nn.Module, vs: VerificationSet, batch_size: int,
                           device: torch.device) -> dict[str, Any]:
     was_training = model.training
@@ -81,5 +87,5 @@ def evaluate_verification(model: torch.nn.Module, vs: VerificationSet, batch_siz
     out: dict[str, Any] = {"accuracy": r.accuracy, "accuracy_std": r.accuracy_std, "threshold": r.threshold,
                            "val_at_far_1e-3": r.val_at_far_1e3}
     for far, tar in sorted(r.tar_at_far.items()):
-        out[f"tar_at_far_{far:g}"] = tar
+        out[f"tar_at_far_{far_name(far)}"] = tar
     return out
