@@ -163,11 +163,12 @@ class Trainer:
             rank=self.rank,
             world_size=self.world,
         )
-        self.steps_per_epoch = len(self.data)
+        self.steps_per_epoch = len(self.data) // cfg.run.grad_accum
         if self.steps_per_epoch == 0:
             raise ValueError(
-                f"data.batch_size={cfg.data.batch_size} × {self.world} ranks is larger than the dataset "
-                f"{data_dir} ({len(dataset)} images): lower data.batch_size"
+                f"data.batch_size={cfg.data.batch_size} × {self.world} ranks × run.grad_accum="
+                f"{cfg.run.grad_accum} is larger than the dataset {data_dir} ({len(dataset)} images): "
+                "lower data.batch_size or run.grad_accum"
             )
         self.total_steps = cfg.schedule.max_steps or cfg.schedule.epochs * self.steps_per_epoch
         self.global_batch = cfg.data.batch_size * self.world * cfg.run.grad_accum
@@ -225,7 +226,9 @@ class Trainer:
             for group in opt.param_groups:
                 group["lr"] = lr
 
-    def train_step(self, images: torch.Tensor, labels: torch.Tensor, times: StepTimes) -> float:
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor, times: StepTimes, boundary: bool = True) -> float:
+        """One micro-batch: forward, backward, and — at a gradient-accumulation boundary — the
+        optimizer steps of the backbone (DeepSpeed) and the head. Times are added to `times`."""
         t0 = time.perf_counter()
         if self.device.type == "cuda":
             images = images.contiguous(memory_format=torch.channels_last)
@@ -244,21 +247,26 @@ class Trainer:
                 "add warmup (schedule.warmup_steps) or check the data; the last checkpoint is intact"
             )
         loss_scale = self._loss_scale()
+        # DeepSpeed divides by grad_accum here, for the head's gradients too: they accumulate as
+        # the mean over micro-batches, like the backbone's.
         self.engine.backward(loss)
         self._sync()
         t2 = time.perf_counter()
         skipped_before = self.engine.skipped_steps
-        self.engine.step()
-        if self.engine.skipped_steps == skipped_before:
-            if loss_scale != 1.0:  # fp16: the head's gradients carry DeepSpeed's loss scale too
-                for p in self.head.parameters():
-                    if p.grad is not None:
-                        p.grad.mul_(1.0 / loss_scale)
-            self.head_optimizer.step()
-        self.head_optimizer.zero_grad()
+        self.engine.step()  # a no-op for the weights until the accumulation boundary
+        if boundary:
+            if self.engine.skipped_steps == skipped_before:
+                if loss_scale != 1.0:  # fp16: the head's gradients carry DeepSpeed's loss scale too
+                    for p in self.head.parameters():
+                        if p.grad is not None:
+                            p.grad.mul_(1.0 / loss_scale)
+                self.head_optimizer.step()
+            self.head_optimizer.zero_grad()
         self._sync()
         t3 = time.perf_counter()
-        times.forward, times.backward, times.optimizer = t1 - t0, t2 - t1, t3 - t2
+        times.forward += t1 - t0
+        times.backward += t2 - t1
+        times.optimizer += t3 - t2
         return loss_value
 
     def _any_rank_stopping(self) -> bool:
@@ -286,14 +294,25 @@ class Trainer:
         progress = self._progress_bar()
         last_eval = self.evaluate()  # step 0: the accuracy training starts from
         window_start, window_images = time.perf_counter(), 0
+        accum = cfg.run.grad_accum
+        micro_losses: list[float] = []
+        times = StepTimes()
         while st.step < self.total_steps and not self.stop_requested:
             self.engine.train()
             self.head.train()
             t_data = time.perf_counter()
             for batch in self.data:
-                times = StepTimes(data=time.perf_counter() - t_data)
-                self.set_lr(self.schedule.lr(st.step))
-                loss = self.train_step(batch.images, batch.labels, times)
+                if not micro_losses:
+                    times = StepTimes()
+                    self.set_lr(self.schedule.lr(st.step))
+                times.data += time.perf_counter() - t_data
+                boundary = len(micro_losses) + 1 == accum
+                micro_losses.append(self.train_step(batch.images, batch.labels, times, boundary))
+                t_data = time.perf_counter()
+                if not boundary:
+                    continue
+                loss = sum(micro_losses) / len(micro_losses)
+                micro_losses = []
                 st.step += 1
                 st.samples_seen += self.global_batch
                 window_images += self.global_batch

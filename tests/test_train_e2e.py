@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,7 +31,8 @@ def _env(tmp: Path) -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
     env["PYTHONUNBUFFERED"] = "1"
-    env["RAY_TMPDIR"] = str(tmp)
+    # Ray's socket paths live under its temp dir and must stay under 107 bytes: a short one.
+    env["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="ray", dir="/tmp")
     env.pop("RAY_ADDRESS", None)
     return env
 
@@ -45,17 +48,17 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.slow
 def test_fr_train_learns_on_the_synthetic_default(cache_dir: Path, tmp_path: Path) -> None:
-    """Two CPU workers under a local Ray cluster: held-out verification accuracy rises from near
-    chance to well above the raw-pixel baseline of the same pairs."""
+    """Two CPU workers under a local Ray cluster: held-out verification accuracy rises from where
+    the untrained network starts to well above the raw-pixel baseline of the same pairs."""
     from data_pipeline.synthetic import raw_pixel_baseline
 
     storage = tmp_path / "runs"
     cmd = [str(BIN / "fr_train"), "mbf", "arcface", "--name", "learn", "--storage", str(storage),
-           "--num-workers", "2", "--max-steps", "160",
+           "--num-workers", "2", "--max-steps", "120",
            "--set", f"data.cache_dir={cache_dir}", *SYNTH_FLAGS,
            "--set", "data.batch_size=32", "--set", "optimizer.lr=0.2", "--set", "optimizer.base_batch=64",
            "--set", "schedule.warmup_steps=10", "--set", "head.s=32", "--set", "head.m2=0.3",
-           "--set", "eval.every_steps=80", "--set", "run.log_every=20"]
+           "--set", "eval.every_steps=0", "--set", "run.log_every=20"]
     proc = subprocess.run(cmd, env=_env(tmp_path), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     log = _read_log(storage / "learn" / "train_log.jsonl")
@@ -66,10 +69,12 @@ def test_fr_train_learns_on_the_synthetic_default(cache_dir: Path, tmp_path: Pat
     baseline = raw_pixel_baseline(data_dir / "synth_val.bin").accuracy
     print(f"\nheld-out accuracy: step 0 {first['accuracy']:.4f} -> step {last['step']} {last['accuracy']:.4f}; "
           f"raw pixels {baseline:.4f}; loss {losses[0]:.3f} -> {losses[-1]:.3f}")
-    assert first["step"] == 0 and last["step"] == 160
-    assert losses[-1] < 0.7 * losses[0]
-    assert first["accuracy"] < baseline + 0.05  # an untrained network is no better than pixels
-    assert last["accuracy"] > baseline + 0.08, (first, last, baseline)
+    assert first["step"] == 0 and last["step"] == 120
+    assert losses[-1] < 0.5 * losses[0]
+    # Seen on this machine: 0.64 -> 0.88 against 0.57 for raw pixels (160 steps); the margins
+    # below leave room for other seeds and slower machines.
+    assert last["accuracy"] > first["accuracy"] + 0.10, (first, last)
+    assert last["accuracy"] > baseline + 0.15, (last, baseline)
     final = storage / "learn" / "final"
     assert (final / "backbone.safetensors").is_file() and (final / "backbone.onnx").is_file()
 
@@ -78,6 +83,8 @@ def test_fr_train_learns_on_the_synthetic_default(cache_dir: Path, tmp_path: Pat
 def test_ray_job_submit_runs_fr_train_to_success(cache_dir: Path, tmp_path: Path) -> None:
     """A real Ray head on 127.0.0.1, a real `ray job submit`, SUCCEEDED, loss and eval in the logs."""
     env = _env(tmp_path)
+    # Token authentication, as a cluster should run: the head, the client and the job share it.
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
     temp_dir = Path("/tmp") / f"ray_fr_{os.getpid()}"  # short: Ray's socket paths have a length limit
     port, dash = free_port(), free_port()
     start = [str(BIN / "ray"), "start", "--head", "--port", str(port), "--node-ip-address", "127.0.0.1",
@@ -172,23 +179,32 @@ def _train_losses(rank: int, world: int, cfg_dict: dict, images: torch.Tensor, l
 
 
 def _first_step_gradient(rank: int, world: int, cfg_dict: dict, images: torch.Tensor, labels: torch.Tensor,
-                         global_batch: int) -> np.ndarray:
-    """The backbone gradient DeepSpeed holds after the first backward, BatchNorm in eval mode (so
-    that per-rank batch statistics play no part)."""
+                         global_batch: int, grad_accum: int = 1) -> np.ndarray:
+    """The backbone and head gradients after the first optimizer step's backward passes
+    (`grad_accum` micro-batches), BatchNorm in eval mode so that per-rank or per-micro-batch
+    batch statistics play no part; the optimizers are held back to keep the gradients."""
     from fr_train.config import TrainConfig
     from fr_train.worker import StepTimes, Trainer
 
     cfg = TrainConfig.from_dict(cfg_dict)
-    cfg.data.batch_size = global_batch // world
-    data = _SameGlobalBatches(images, labels, 1, global_batch, rank, world)
+    cfg.run.grad_accum = grad_accum
+    cfg.data.batch_size = global_batch // world // grad_accum
+    data = _SameGlobalBatches(images, labels, grad_accum, global_batch, rank, world)
     trainer = Trainer(cfg, rank, world, torch.device("cpu"), data=data)
-    trainer.engine.step = lambda: None  # keep the averaged gradient for inspection
+    trainer.engine.step = lambda: None
+    trainer.head_optimizer.step = lambda: None
+    trainer.head_optimizer.zero_grad = lambda: None
     trainer.engine.module.eval()
-    trainer.engine.train = lambda mode=True: None
     batch = next(iter(data))
-    trainer.train_step(batch.images, batch.labels, StepTimes())
+    per = cfg.data.batch_size
+    for m in range(grad_accum):
+        part = slice(m * per, (m + 1) * per)
+        trainer.train_step(batch.images[part], batch.labels[part], StepTimes(), m == grad_accum - 1)
     grads = [p.grad.flatten() for p in trainer.engine.module.parameters() if p.grad is not None]
-    return torch.cat(grads).numpy()  # numpy: a tensor would travel through shared memory that dies with the rank
+    head_grad = trainer.head.weight.grad
+    head_grad = head_grad.to_dense() if head_grad.is_sparse else head_grad
+    # numpy: a tensor would travel through shared memory that dies with the rank
+    return torch.cat(grads).numpy(), head_grad.numpy()
 
 
 def _equivalence_config(cache_dir: Path, tmp_path: Path) -> tuple[dict, Path]:
@@ -213,10 +229,25 @@ def test_backbone_gradient_is_the_same_at_one_and_two_workers(cache_dir: Path, t
     would halve it at W=2)."""
     cfg, data_dir = _equivalence_config(cache_dir, tmp_path)
     images, labels = _real_images(data_dir, 32)
-    one = run_distributed(_first_step_gradient, 1, cfg, images, labels, 32, timeout=600)[0]
+    one, one_head = run_distributed(_first_step_gradient, 1, cfg, images, labels, 32, timeout=600)[0]
     two = run_distributed(_first_step_gradient, 2, cfg, images, labels, 32, timeout=600)
-    np.testing.assert_array_equal(two[0], two[1])
-    np.testing.assert_allclose(two[0], one, rtol=1e-4, atol=1e-6 * float(np.abs(one).max()))
+    np.testing.assert_array_equal(two[0][0], two[1][0])
+    np.testing.assert_allclose(two[0][0], one, rtol=1e-4, atol=1e-6 * float(np.abs(one).max()))
+    # the head is model-parallel: each rank holds the gradient of its own class rows
+    np.testing.assert_allclose(np.concatenate([two[0][1], two[1][1]]), one_head, rtol=1e-4,
+                               atol=1e-6 * float(np.abs(one_head).max()))
+
+
+@pytest.mark.slow
+def test_gradient_accumulation_equals_one_large_batch(cache_dir: Path, tmp_path: Path) -> None:
+    """Two micro-batches of 16 with run.grad_accum=2 give the gradient of one batch of 32, for the
+    backbone (DeepSpeed's accumulation) and for the head (outside DeepSpeed) alike."""
+    cfg, data_dir = _equivalence_config(cache_dir, tmp_path)
+    images, labels = _real_images(data_dir, 32)
+    whole = run_distributed(_first_step_gradient, 1, cfg, images, labels, 32, 1, timeout=600)[0]
+    accumulated = run_distributed(_first_step_gradient, 1, cfg, images, labels, 32, 2, timeout=600)[0]
+    for a, b in zip(accumulated, whole, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * float(np.abs(b).max()))
 
 
 @pytest.mark.slow

@@ -1,0 +1,140 @@
+"""Checkpoint stall vs write time as the head grows: async save vs a synchronous save, and load time.
+
+For each class count: a real ``PartialFC`` (512-d fp32 rows, SGD momentum rows: ≈ 4 KiB per class)
+and a real iresnet backbone with its torch SGD state. Per configuration, in one process:
+
+- async: ``stall`` = ``head.state_dict()`` + ``save_async`` (what the training loop waits for), then
+  ``total`` until the background write is committed (``wait``); meanwhile the loop keeps running
+  head steps (sample rate 0.1, batch 128), whose mean time is compared with idle steps: the write
+  shares the host's cores and memory bandwidth with training.
+- sync (baseline): ``state_dict()`` + ``save`` (the loop waits for everything).
+- load: ``find_latest`` (sha256 of every file) + ``payload_for`` + ``head.load_state_dict``.
+
+    python benchmarks/checkpoint.py                         # 100k, 250k, 500k, 1M classes
+    python benchmarks/checkpoint.py --classes 100000 --backbone r18
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fr_train.backbones import build_backbone
+from fr_train.checkpointing import CheckpointManager, find_latest
+from fr_train.config import TrainConfig
+from fr_train.heads import CombinedMargin, PartialFC
+
+
+def _head_step(head: PartialFC, batch: int, gen: torch.Generator) -> float:
+    t0 = time.perf_counter()
+    x = torch.randn(batch, head.embedding_size, generator=gen)
+    y = torch.randint(0, head.num_classes, (batch,), generator=gen)
+    head(x, y).backward()
+    assert head.optimizer is not None
+    head.optimizer.step()
+    head.optimizer.zero_grad()
+    return time.perf_counter() - t0
+
+
+def _payload(step: int, head: PartialFC) -> dict[str, Any]:
+    return {"train": {"step": step, "epoch": 0, "samples_seen": step * 128}, "head": head.state_dict(),
+            "data": None, "rng": None}
+
+
+def run(classes: int, backbone_name: str, root: Path, cfg: dict[str, Any], idle_steps: int) -> dict[str, Any]:
+    head = PartialFC(classes, 512, CombinedMargin(), sample_rate=0.1, seed=0)
+    head.make_optimizer(lr=0.1, momentum=0.9, weight_decay=5e-4)
+    backbone = build_backbone(backbone_name, embedding_size=512, image_size=112)
+    opt = torch.optim.SGD(backbone.parameters(), lr=0.1, momentum=0.9)
+    for p in backbone.parameters():  # a momentum buffer per parameter, as after the first step
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    gen = torch.Generator().manual_seed(0)
+    _head_step(head, 128, gen)  # warm-up, and momentum rows exist
+    idle = [_head_step(head, 128, gen) for _ in range(idle_steps)]
+    meta = {"epoch": 0, "samples_seen": 0, "num_classes": classes, "config": cfg}
+    shared = {"backbone": backbone.state_dict(), "optimizer": opt.state_dict()}
+    mgr = CheckpointManager(root, keep=1, rank=0, world=1)
+
+    # Async: the loop stalls for the host copy only (head.state_dict() clones; no second clone).
+    t0 = time.perf_counter()
+    mgr.save_async(1, _payload(1, head), shared, meta, clone_cpu_tensors=False)
+    stall = time.perf_counter() - t0
+    during: list[float] = []
+    assert mgr._pending is not None
+    thread: threading.Thread = mgr._pending.thread
+    while thread.is_alive():
+        during.append(_head_step(head, 128, gen))
+    mgr.wait()
+    total = time.perf_counter() - t0
+    assert mgr.last_timing is not None
+    size = mgr.last_timing.bytes_written
+    gc.collect()
+
+    # Sync baseline: the same save, waited for (the next save's step=2 replaces step 1: keep=1).
+    t0 = time.perf_counter()
+    mgr.save(2, _payload(2, head), shared, meta, clone_cpu_tensors=False)
+    sync_total = time.perf_counter() - t0
+    gc.collect()
+
+    t0 = time.perf_counter()
+    ckpt = find_latest(root)
+    verify = time.perf_counter() - t0
+    assert ckpt is not None and ckpt.step == 2
+    state = ckpt.payload_for(0, 1)
+    head.load_state_dict(state["head"])
+    loaded_shared = ckpt.shared()
+    assert loaded_shared is not None
+    backbone.load_state_dict(loaded_shared["backbone"])
+    load_total = time.perf_counter() - t0
+    del state, loaded_shared, ckpt, head, backbone, opt, shared
+    gc.collect()
+    return {
+        "classes": classes, "bytes": size, "async_stall_s": stall, "async_total_s": total,
+        "sync_total_s": sync_total, "write_mb_s": size / 2**20 / mgr.last_timing.write,
+        "step_idle_s": sum(idle) / len(idle), "step_during_write_s": sum(during) / max(len(during), 1),
+        "steps_during_write": len(during), "verify_s": verify, "load_total_s": load_total,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--classes", type=int, nargs="+", default=[100_000, 250_000, 500_000, 1_000_000])
+    ap.add_argument("--backbone", default="r50")
+    ap.add_argument("--idle-steps", type=int, default=5)
+    ap.add_argument("--root", default=None, help="directory for the checkpoints (default: a temp dir)")
+    args = ap.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    cfg = TrainConfig().to_dict()
+    base = Path(args.root or tempfile.mkdtemp(prefix="fr_ckpt_bench_"))
+    results = []
+    print(f"{'classes':>9} {'GiB':>6} {'stall s':>8} {'async s':>8} {'sync s':>8} {'MB/s':>6} "
+          f"{'step idle':>9} {'step busy':>9} {'verify s':>8} {'load s':>7}")
+    try:
+        for classes in args.classes:
+            root = base / f"c{classes}"
+            r = run(classes, args.backbone, root, cfg, args.idle_steps)
+            shutil.rmtree(root, ignore_errors=True)
+            results.append(r)
+            print(f"{r['classes']:>9} {r['bytes'] / 2**30:>6.2f} {r['async_stall_s']:>8.2f} {r['async_total_s']:>8.2f} "
+                  f"{r['sync_total_s']:>8.2f} {r['write_mb_s']:>6.0f} {r['step_idle_s']:>9.3f} "
+                  f"{r['step_during_write_s']:>9.3f} {r['verify_s']:>8.2f} {r['load_total_s']:>7.2f}", flush=True)
+    finally:
+        if args.root is None:
+            shutil.rmtree(base, ignore_errors=True)
+    print(json.dumps({"benchmark": "checkpoint", "backbone": args.backbone, "host": platform.node(),
+                      "cpus": torch.get_num_threads(), "torch": torch.__version__, "results": results}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,9 @@
+"""Sample-to-sample losses over the global batch (triplet, contrastive); the BCE and UNPG heads
+live in fr_train/heads because they need the sharded prototypes."""
+
+from __future__ import annotations
+
+from fr_train.losses.contrastive import ContrastiveLoss
+from fr_train.losses.triplet import TripletLoss
+
+__all__ = ["ContrastiveLoss", "TripletLoss"]
