@@ -130,3 +130,84 @@ def grads_of(fn, *tensors: torch.Tensor) -> tuple[float, list[torch.Tensor]]:  #
 
 def uniface_bias_init(num_classes: int, r: float) -> float:
     return math.log(num_classes * r * 10)
+
+
+def ref_uss_memory(x: torch.Tensor, labels: torch.Tensor, memory: dict[int, torch.Tensor]) -> None:
+    """Write normalised features into the class memory in batch order (the last sample of a class wins)."""
+    f = F.normalize(x.detach(), dim=1)
+    for i in range(f.shape[0]):
+        memory[int(labels[i])] = f[i]
+
+
+def ref_uss_bias_init(x: torch.Tensor, labels: torch.Tensor, s: float, memory: dict[int, torch.Tensor],
+                      columns: list[int]) -> float:
+    """Mean over samples with any negative of ``logsumexp_{c≠y, c in memory}(s·cos(x, M_c))``."""
+    f = F.normalize(x.detach(), dim=1)
+    values = []
+    for i in range(f.shape[0]):
+        neg = [s * (f[i] @ memory[c]) for c in columns if c in memory and c != int(labels[i])]
+        if neg:
+            values.append(torch.logsumexp(torch.stack(neg), dim=0))
+    return float(torch.stack(values).mean())
+
+
+def ref_uss(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, labels: torch.Tensor, m: Margin,
+    memory: dict[int, torch.Tensor], uss_margin: float, uss_weight: float, columns: list[int],
+) -> torch.Tensor:
+    """CE(margin softmax over ``columns``) + weight·mean_i [softplus(−(s(cos(x_i, M_y) − m) − b))
+    + Σ_{c≠y} softplus(s·cos(x_i, M_c) − b)], classes without memory skipped (UniTSFace)."""
+    from tests.head_reference import reference_loss
+
+    ce = reference_loss(x, weight, labels, m, columns=torch.tensor(columns))
+    f = F.normalize(x, dim=1)
+    terms = []
+    for i in range(f.shape[0]):
+        y = int(labels[i])
+        total = f[i].sum() * 0.0
+        for c in columns:
+            if c not in memory:
+                continue
+            c_cos = f[i] @ memory[c]
+            if c == y:
+                total = total + F.softplus(-(m.s * (c_cos - uss_margin) - bias))
+            else:
+                total = total + F.softplus(m.s * c_cos - bias)
+        terms.append(total)
+    return ce + uss_weight * torch.stack(terms).mean()
+
+
+def ref_epl_update(memory: torch.Tensor, x: torch.Tensor, labels: torch.Tensor) -> None:
+    """In place: each sample's candidate from the PRE-step prototype, ``f = softsign(⟨P_y, x⟩)``,
+    ``normalize(f·P_y + (1 − f)·x)``; the last sample of a class in batch order wins."""
+    before = memory.clone()
+    f = F.normalize(x.detach(), dim=1)
+    for i in range(f.shape[0]):
+        c = int(labels[i])
+        fac = F.softsign(before[c] @ f[i])
+        memory[c] = F.normalize(fac * before[c] + (1 - fac) * f[i], dim=0)
+
+
+def ref_epl(
+    x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, m: Margin, memory: torch.Tensor, k: float,
+    active: bool, columns: list[int],
+) -> torch.Tensor:
+    """Mean over 2B rows: margin CE against W, and CE of s·cos(x, P) with the target reduced by the
+    constant k·cos(x, P_y) (EPL, official CosFace_EPL); the first half only when not active."""
+    from tests.head_reference import reference_loss
+
+    cols = torch.tensor(columns)
+    ce = reference_loss(x, weight, labels, m, columns=cols)
+    if not active:
+        return ce
+    f = F.normalize(x, dim=1)
+    protos = F.normalize(memory, dim=1)
+    losses = []
+    for i in range(f.shape[0]):
+        y = int(labels[i])
+        row = []
+        for c in columns:
+            cos = f[i] @ protos[c]
+            row.append(m.s * (cos - k * cos.detach()) if c == y else m.s * cos)
+        losses.append(-torch.log_softmax(torch.stack(row), dim=0)[columns.index(y)])
+    return 0.5 * (ce + torch.stack(losses).mean())

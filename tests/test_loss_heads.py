@@ -13,10 +13,24 @@ import torch
 
 from fr_train.heads import CombinedMargin
 from fr_train.heads.bce_head import BCEHead
+from fr_train.heads.epl_head import EPLHead
 from fr_train.heads.unpg_head import UNPGHead, filtered_negative_pairs, linear_quantile
+from fr_train.heads.uss_head import USSHead
 from tests.distributed import run_distributed
 from tests.head_reference import global_batch, local_slice, pack, ref_margin, rel_err, unpack
-from tests.loss_reference import LOSS_SIZES, box_whisker_keep, grads_of, ref_bce, ref_unpg, uniface_bias_init
+from tests.loss_reference import (
+    LOSS_SIZES,
+    box_whisker_keep,
+    grads_of,
+    ref_bce,
+    ref_epl,
+    ref_epl_update,
+    ref_unpg,
+    ref_uss,
+    ref_uss_bias_init,
+    ref_uss_memory,
+    uniface_bias_init,
+)
 
 WORLDS = [1, 2, 4]
 TOL = {torch.float64: 1e-6, torch.float32: 1e-4}
@@ -66,7 +80,84 @@ def _run_cases(rank: int, world: int) -> bytes:
         else:
             res["pairs"] = tuple(int(t) for t in head.last_pairs)
         out[name] = res
+    out["uss"] = _uss_cases(rank, world)
+    out["epl"] = _epl_cases(rank, world)
     return pack(out)
+
+
+EPL_CASES: dict[str, tuple[CombinedMargin, float, float]] = {
+    "epl_cosface_f64": (CombinedMargin.cosface(0.4, s=16.0), 1.0, 0.7),
+    "epl_arcface_sampled_f64": (CombinedMargin.arcface(0.5, s=16.0), 0.5, 0.3),
+}
+EPL_START = 1  # step 1: margin CE only; steps 2, 3: plus the empirical-prototype rows
+
+
+def _epl_batch(name: str, step: int, world: int) -> dict[str, torch.Tensor]:
+    return global_batch(950 + 10 * list(EPL_CASES).index(name) + step, C, D, sum(LOSS_SIZES[world]), label_range=8)
+
+
+def _epl_init(name: str, world: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(960 + list(EPL_CASES).index(name))
+    return torch.nn.functional.normalize(torch.randn(C, D, generator=g, dtype=torch.float64), dim=1)
+
+
+def _epl_cases(rank: int, world: int) -> dict:
+    sizes, out = LOSS_SIZES[world], {}
+    for name, (margin, rate, k) in EPL_CASES.items():
+        head = EPLHead(C, D, margin, sample_rate=rate, storage_dtype=torch.float64, seed=7, k=k, start_iter=EPL_START)
+        with torch.no_grad():
+            head.weight.copy_(_epl_batch(name, 0, world)["weight"][head.class_start : head.class_end])
+            head.epl_memory.copy_(_epl_init(name, world)[head.class_start : head.class_end])
+        steps = []
+        for step in range(1, USS_STEPS + 1):
+            batch = _epl_batch(name, step, world)
+            head.weight.grad = None
+            x = local_slice(batch["x"], rank, sizes).clone().requires_grad_(True)
+            loss = head(x, local_slice(batch["labels"], rank, sizes))
+            loss.backward()
+            steps.append({"loss": float(loss.detach()), "x_grad": x.grad.clone(),
+                          "w_grad": head.weight.grad.to_dense().clone(), "sampled": head.last_sampled_classes.clone(),
+                          "class_start": head.class_start, "class_end": head.class_end,
+                          "memory": head.epl_memory.clone()})
+        out[name] = steps
+    return out
+
+
+USS_CASES: dict[str, tuple[float, dict[str, Any]]] = {
+    "uss_f64": (1.0, {"uss_margin": 0.1, "uss_weight": 1.0}),
+    "uss_sampled_f64": (0.5, {"uss_margin": 0.2, "uss_weight": 0.5}),
+}
+USS_STEPS = 3
+
+
+def _uss_batch(name: str, step: int, world: int) -> dict[str, torch.Tensor]:
+    return global_batch(900 + 10 * list(USS_CASES).index(name) + step, C, D, sum(LOSS_SIZES[world]), label_range=8)
+
+
+def _uss_cases(rank: int, world: int) -> dict:
+    """USS steps 1..3 (no weight update): step 1 has an empty memory (CE only), step 2 initialises b."""
+    sizes, out = LOSS_SIZES[world], {}
+    for name, (rate, kwargs) in USS_CASES.items():
+        head = USSHead(C, D, CombinedMargin.cosface(0.4, s=16.0), sample_rate=rate, storage_dtype=torch.float64,
+                       seed=5, **kwargs)
+        with torch.no_grad():
+            head.weight.copy_(_uss_batch(name, 0, world)["weight"][head.class_start : head.class_end])
+        steps = []
+        for step in range(1, USS_STEPS + 1):
+            batch = _uss_batch(name, step, world)
+            head.weight.grad = head.unified_bias.grad = None
+            x = local_slice(batch["x"], rank, sizes).clone().requires_grad_(True)
+            b_before = float(head.unified_bias)
+            loss = head(x, local_slice(batch["labels"], rank, sizes))
+            loss.backward()
+            b_grad = head.unified_bias.grad
+            steps.append({"loss": float(loss.detach()), "x_grad": x.grad.clone(), "b_before": b_before,
+                          "b_used": float(head.unified_bias), "ready": bool(head.unified_bias_ready),
+                          "b_grad": None if b_grad is None else float(b_grad),
+                          "w_grad": head.weight.grad.to_dense().clone(), "sampled": head.last_sampled_classes.clone(),
+                          "class_start": head.class_start, "class_end": head.class_end})
+        out[name] = steps
+    return out
 
 
 @functools.cache
@@ -177,3 +268,75 @@ def test_heads_reject_vpl_and_linear_margin() -> None:
         BCEHead(C, D, CombinedMargin.cosface(), vpl=VPLConfig())  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="normalised margin"):
         UNPGHead(C, D, CombinedMargin.softmax())
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("name", list(USS_CASES))
+def test_uss_matches_reference_over_steps(world: int, name: str) -> None:
+    """Step 1 (empty memory) is plain CosFace; from step 2 the USS term compares with the features
+    written at earlier steps, b is lazily set to the batch mean logsumexp of the negatives, and loss,
+    d/d embeddings, d/d prototypes and d/d b equal the reference on every rank."""
+    rate, kwargs = USS_CASES[name]
+    sizes, results = LOSS_SIZES[world], _results(world)
+    m = ref_margin(CombinedMargin.cosface(0.4, s=16.0))
+    weight = _uss_batch(name, 0, world)["weight"]
+    memory: dict[int, torch.Tensor] = {}
+    b_value: float | None = None
+    for step in range(1, USS_STEPS + 1):
+        batch = _uss_batch(name, step, world)
+        got = [r["uss"][name][step - 1] for r in results]
+        columns = sorted(int(c) for c in torch.cat([g["sampled"] for g in got]))
+        if rate < 1.0:
+            assert len(columns) < C
+        if b_value is None and any(c in memory for c in columns):
+            b_value = ref_uss_bias_init(batch["x"], batch["labels"], m.s, memory, columns)
+        if step == 1:
+            assert b_value is None and not any(g["ready"] for g in got)
+        b = torch.tensor(0.0 if b_value is None else b_value, dtype=torch.float64)
+        used = dict(memory) if b_value is not None else {}
+        ref_loss, (gx, gw, gb) = grads_of(
+            lambda x, w, bb, batch=batch, columns=columns, used=used: ref_uss(
+                x, w, bb, batch["labels"], m, used, kwargs["uss_margin"], kwargs["uss_weight"], columns),
+            batch["x"], weight, b)
+        for rank, g in enumerate(got):
+            assert rel_err(g["loss"], ref_loss) < 1e-6, (step, rank, g["loss"], ref_loss)
+            if sizes[rank]:
+                assert rel_err(g["x_grad"], local_slice(gx, rank, sizes)) < 1e-6, (step, rank)
+            assert rel_err(g["w_grad"], gw[g["class_start"] : g["class_end"]]) < 1e-6, (step, rank)
+            if b_value is not None:
+                assert g["ready"] and abs(g["b_used"] - b_value) < 1e-9 * abs(b_value), (step, rank)
+                assert rel_err(g["b_grad"], gb) < 1e-6, (step, rank, g["b_grad"], float(gb))
+        assert len({g["loss"] for g in got}) == 1, "loss differs between ranks"
+        ref_uss_memory(batch["x"], batch["labels"], memory)
+    assert b_value is not None
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("name", list(EPL_CASES))
+def test_epl_matches_reference_over_steps(world: int, name: str) -> None:
+    """Every step updates the empirical prototypes of the batch's classes before the loss (sharded
+    memory equals the reference memory); after start_iter the loss adds the empirical rows with the
+    adaptive margin, and loss and gradients equal the reference on every rank."""
+    margin, rate, k = EPL_CASES[name]
+    sizes, results, m = LOSS_SIZES[world], _results(world), ref_margin(margin)
+    weight = _epl_batch(name, 0, world)["weight"]
+    memory = _epl_init(name, world)
+    for step in range(1, USS_STEPS + 1):
+        batch = _epl_batch(name, step, world)
+        got = [r["epl"][name][step - 1] for r in results]
+        columns = sorted(int(c) for c in torch.cat([g["sampled"] for g in got]))
+        if rate < 1.0:
+            assert len(columns) < C
+        ref_epl_update(memory, batch["x"], batch["labels"])
+        assert rel_err(torch.cat([g["memory"] for g in got]), memory) < 1e-12, step
+        snapshot, active = memory.clone(), step > EPL_START
+        ref_loss, (gx, gw) = grads_of(
+            lambda x, w, batch=batch, columns=columns, mem=snapshot, active=active: ref_epl(
+                x, w, batch["labels"], m, mem, k, active, columns),
+            batch["x"], weight)
+        for rank, g in enumerate(got):
+            assert rel_err(g["loss"], ref_loss) < 1e-6, (step, rank, g["loss"], ref_loss)
+            if sizes[rank]:
+                assert rel_err(g["x_grad"], local_slice(gx, rank, sizes)) < 1e-6, (step, rank)
+            assert rel_err(g["w_grad"], gw[g["class_start"] : g["class_end"]]) < 1e-6, (step, rank)
+        assert len({g["loss"] for g in got}) == 1, "loss differs between ranks"

@@ -71,6 +71,8 @@ def reshard_head_states(states: list[dict[str, Any]], new_world: int) -> list[di
         state.update(world_size=new_world, rank=r, class_start=shard.class_start, num_local=shard.num_local)
         state["sampler_rng"] = states[r]["sampler_rng"] if same_world else None
         state["rows"] = {name: parts[r] for name, parts in row_parts.items()}
+        if "replicated" in first:  # scalars every rank holds identically (e.g. BCE's/USS's bias b)
+            state["replicated"] = first["replicated"]
         state["optimizer"] = None
         if first["optimizer"] is not None:
             state["optimizer"] = {

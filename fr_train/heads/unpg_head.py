@@ -14,10 +14,7 @@ with logit ``logsumexp_k(s·n_k)`` — exact for the value and the gradient, and
 O(B × pairs) memory. Rank 0 alone appends that column (it is added to the distributed sum once);
 the other ranks never form the pair matrix.
 
-Distributed softmax: row max all-reduced (MAX), exp-sums and target logits all-reduced (SUM). The
-value is the global loss on every rank; the gradient is carried by the local surrogate
-``Σ_i Σ_j e_ij / S_i − z_{i,y}[owned]`` whose derivative w.r.t. a local logit is its global softmax
-probability minus the one-hot, so the gather's reduce-scatter yields ``dL/dx`` exactly.
+The distributed softmax is sharded_softmax.py (value all-reduced, exact gradient by a surrogate).
 """
 
 from __future__ import annotations
@@ -27,11 +24,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from fr_train.heads.collectives import all_reduce_
 from fr_train.heads.cross_entropy import _matmul
 from fr_train.heads.margin import CombinedMargin
 from fr_train.heads.partial_fc import PartialFC
 from fr_train.heads.sampled_step import sampled_step
+from fr_train.heads.sharded_softmax import sharded_softmax_ce
 
 
 def linear_quantile(sorted_values: torch.Tensor, q: float) -> torch.Tensor:
@@ -105,16 +102,4 @@ class UNPGHead(PartialFC):
                 logits = torch.cat([logits, pair_column.expand(batch, 1)], dim=1)
         self.last_pairs = (kept, total)
 
-        with torch.no_grad():
-            row_max = logits.max(dim=1).values if logits.shape[1] else logits.new_full((batch,), float("-inf"))
-            all_reduce_(self.comm, row_max, dist.ReduceOp.MAX)
-        e = torch.exp(logits - row_max.unsqueeze(1))
-        target = torch.zeros(batch, dtype=logits.dtype, device=logits.device).index_put((rows,), target_local)
-        with torch.no_grad():
-            sums = torch.stack([e.sum(dim=1), target])
-            all_reduce_(self.comm, sums, dist.ReduceOp.SUM)
-            sum_e, target_all = sums[0], sums[1]
-            value = (sum_e.log() + row_max - target_all).sum()
-        # Surrogate with the right gradient: ∂(e_ij/S_i)/∂z_ij = softmax_ij (S_i held fixed), minus one-hot.
-        local = (e.sum(dim=1) / sum_e).sum() - target.sum() + 0.0 * st.x.sum()
-        return (value + (local - local.detach())) / batch  # value exact, identical on all ranks
+        return sharded_softmax_ce(logits, rows, cols, self.comm, st.x)
