@@ -77,6 +77,25 @@ class HeadConfig:
     vpl_delta_t: int = 200
     vpl_start_iter: int = 8000
     """Iteration after which VPL injects memory; scale it down for short runs."""
+    loss: Literal["margin_softmax", "bce", "unpg", "uss", "epl", "triplet", "contrastive"] = "margin_softmax"
+    """What the head optimises: the margin softmax over sharded prototypes (default), a seed
+    method on the same sharded prototypes (bce, unpg, uss, epl), or a sample-to-sample loss over
+    the global batch with no prototypes (triplet, contrastive)."""
+    bce_neg_weight: float = 1.0
+    bce_bias_ratio: float = 1.0
+    """BCE's bias starts at log(C·bias_ratio·10) (UniFace)."""
+    unpg_whisker: float = 1.5
+    """UNPG keeps in-batch negative cosines within [Q1 − w·IQR, Q3 + w·IQR]."""
+    uss_margin: float = 0.1
+    uss_weight: float = 1.0
+    uss_start_epoch: int = 1
+    """USS joins the CosFace loss after this many epochs (UniTSFace: after the first)."""
+    epl_k: float = 0.7
+    epl_start_epoch: int = 3
+    """EPL adds its empirical-prototype rows after this many epochs (official code: from epoch 4)."""
+    pair_margin: float = 0.2
+    triplet_mining: Literal["batch_hard", "semi_hard"] = "batch_hard"
+    contrastive_pos_weight: float = 1.0
     storage_dtype: Literal["float32", "bfloat16"] = "float32"
     """bf16 storage of prototypes and memory fits ~2x more classes per GPU."""
     seed: int = 1234
@@ -201,6 +220,22 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "vpl": ("VPL (Deng et al. 2021): ArcFace with variational prototypes from a sharded memory bank",
             {"head.margin": "arcface", "head.s": 64.0, "head.m1": 1.0, "head.m2": 0.5, "head.m3": 0.0,
              "head.vpl": True}),
+    "unpg": ("UNPG (Jung et al.): ArcFace + filtered in-batch negative pairs of the global batch",
+             {"head.loss": "unpg", "head.margin": "arcface", "head.s": 64.0, "head.m1": 1.0, "head.m2": 0.5,
+              "head.m3": 0.0}),
+    "epl": ("EPL: CosFace + empirical prototypes (class feature expectations) with an adaptive margin",
+            {"head.loss": "epl", "head.margin": "cosface", "head.s": 64.0, "head.m1": 1.0, "head.m2": 0.0,
+             "head.m3": 0.4}),
+    "bce": ("BCE with one learned unified threshold (UniFace): s·(cos − 0.4) against a bias b",
+            {"head.loss": "bce", "head.margin": "cosface", "head.s": 64.0, "head.m1": 1.0, "head.m2": 0.0,
+             "head.m3": 0.4}),
+    "uss": ("USS (UniTSFace): CosFace + unified-threshold sample-to-sample loss after epoch 1",
+            {"head.loss": "uss", "head.margin": "cosface", "head.s": 64.0, "head.m1": 1.0, "head.m2": 0.0,
+             "head.m3": 0.4}),
+    "triplet": ("triplet loss with batch-hard mining over the global batch (FaceNet), margin 0.2",
+                {"head.loss": "triplet", "head.pair_margin": 0.2}),
+    "contrastive": ("contrastive loss over all pairs of the global batch, negative margin 0.3",
+                    {"head.loss": "contrastive", "head.pair_margin": 0.3}),
 }
 
 
@@ -383,6 +418,15 @@ def validate(cfg: TrainConfig) -> None:
     _check(cfg.head.vpl_start_iter >= 0, "head.vpl_start_iter", "must be >= 0")
     _check(not (cfg.head.vpl and cfg.head.margin == "softmax"), "head.vpl",
            "VPL needs a normalised (margin) head, not plain softmax")
+    _check(not (cfg.head.vpl and cfg.head.loss != "margin_softmax"), "head.vpl",
+           f"VPL works with head.loss=margin_softmax, not {cfg.head.loss}")
+    _check(not (cfg.head.loss in ("bce", "unpg", "uss", "epl") and cfg.head.margin == "softmax"), "head.margin",
+           f"head.loss={cfg.head.loss} needs a normalised margin (cosface, arcface, ...), not softmax")
+    _check(cfg.head.bce_bias_ratio > 0, "head.bce_bias_ratio", "must be > 0")
+    _check(cfg.head.unpg_whisker >= 0, "head.unpg_whisker", "must be >= 0")
+    _check(cfg.head.uss_start_epoch >= 0 and cfg.head.epl_start_epoch >= 0, "head.uss_start_epoch/epl_start_epoch",
+           "must be >= 0")
+    _check(cfg.head.pair_margin >= 0, "head.pair_margin", "must be >= 0")
     _check(cfg.optimizer.lr > 0, "optimizer.lr", "must be > 0")
     _check(cfg.optimizer.base_batch > 0, "optimizer.base_batch", "must be > 0")
     _check(0.0 <= cfg.optimizer.momentum < 1.0, "optimizer.momentum", "must be in [0, 1)")

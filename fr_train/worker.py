@@ -104,6 +104,35 @@ def deepspeed_config(cfg: TrainConfig, precision: str, lr: float) -> dict[str, A
     return ds
 
 
+def build_head(cfg: TrainConfig, num_classes: int, device: torch.device, forwards_per_epoch: int) -> torch.nn.Module:
+    """The head `cfg.head.loss` names. Prototype heads draw their initial rows per class block
+    (the same for any world size) and seed their negative sampler from (head.seed, rank)."""
+    from fr_train.heads import BCEHead, CombinedMargin, EPLHead, PartialFC, UNPGHead, USSHead, VPLConfig
+    from fr_train.losses import ContrastiveLoss, TripletLoss
+
+    h = cfg.head
+    if h.loss == "triplet":
+        return TripletLoss(margin=h.pair_margin, mining=h.triplet_mining)
+    if h.loss == "contrastive":
+        return ContrastiveLoss(margin=h.pair_margin, pos_weight=h.contrastive_pos_weight)
+    margin = CombinedMargin(s=h.s, m1=h.m1, m2=h.m2, m3=h.m3, linear=h.margin == "softmax")
+    common: dict[str, Any] = dict(sample_rate=h.sample_rate, seed=h.seed, storage_dtype=getattr(torch, h.storage_dtype),
+                                  device=device)
+    d = cfg.backbone.embedding_size
+    if h.loss == "bce":
+        return BCEHead(num_classes, d, margin, neg_weight=h.bce_neg_weight, bias_ratio=h.bce_bias_ratio, **common)
+    if h.loss == "unpg":
+        return UNPGHead(num_classes, d, margin, whisker=h.unpg_whisker, **common)
+    if h.loss == "uss":
+        return USSHead(num_classes, d, margin, uss_margin=h.uss_margin, uss_weight=h.uss_weight,
+                       start_iter=h.uss_start_epoch * forwards_per_epoch, **common)
+    if h.loss == "epl":
+        return EPLHead(num_classes, d, margin, k=h.epl_k, start_iter=h.epl_start_epoch * forwards_per_epoch,
+                       **common)
+    vpl = VPLConfig(lambda_=h.vpl_lambda, delta_t=h.vpl_delta_t, start_iter=h.vpl_start_iter) if h.vpl else None
+    return PartialFC(num_classes, d, margin, vpl=vpl, **common)
+
+
 class Trainer:
     """Owns one rank's data iterator, DeepSpeed engine, sharded head and its optimizer."""
 
@@ -142,7 +171,6 @@ class Trainer:
         from data_pipeline.dataset import open_dataset
         from fr_train.backbones import build_backbone
         from fr_train.backbones.flops import count_flops
-        from fr_train.heads import CombinedMargin, PartialFC, VPLConfig
 
         cfg = self.cfg
         data_dir = Path(cfg.data.path or "")
@@ -191,16 +219,9 @@ class Trainer:
             model=backbone, optimizer=opt, config=deepspeed_config(cfg, self.precision, base_lr),
             dist_init_required=False,
         )
-        # The head's initial rows are drawn per class block (the same for any world size) and its
-        # negative sampler is seeded from (head.seed, rank): each rank draws its own negatives.
-        h = cfg.head
-        vpl = VPLConfig(lambda_=h.vpl_lambda, delta_t=h.vpl_delta_t, start_iter=h.vpl_start_iter) if h.vpl else None
-        margin = CombinedMargin(s=h.s, m1=h.m1, m2=h.m2, m3=h.m3, linear=h.margin == "softmax")
-        self.head = PartialFC(
-            self.num_classes, cfg.backbone.embedding_size, margin, sample_rate=h.sample_rate, vpl=vpl,
-            seed=h.seed, storage_dtype=getattr(torch, h.storage_dtype), device=self.device,
-        )
-        self.head_optimizer = self.head.make_optimizer(
+        self.head = build_head(cfg, self.num_classes, self.device, self.steps_per_epoch * cfg.run.grad_accum)
+        # Heads without prototypes (triplet, contrastive) have nothing to optimise.
+        self.head_optimizer = None if not any(True for _ in self.head.parameters()) else self.head.make_optimizer(
             kind=cfg.optimizer.name, lr=base_lr, momentum=cfg.optimizer.momentum,
             weight_decay=cfg.optimizer.weight_decay,
         )
@@ -223,7 +244,7 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def set_lr(self, lr: float) -> None:
         for opt in (self.engine.optimizer, self.head_optimizer):
-            for group in opt.param_groups:
+            for group in opt.param_groups if opt is not None else ():
                 group["lr"] = lr
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor, times: StepTimes, boundary: bool = True) -> float:
@@ -254,7 +275,7 @@ class Trainer:
         t2 = time.perf_counter()
         skipped_before = self.engine.skipped_steps
         self.engine.step()  # a no-op for the weights until the accumulation boundary
-        if boundary:
+        if boundary and self.head_optimizer is not None:
             if self.engine.skipped_steps == skipped_before:
                 if loss_scale != 1.0:  # fp16: the head's gradients carry DeepSpeed's loss scale too
                     for p in self.head.parameters():
@@ -340,7 +361,8 @@ class Trainer:
     def _observe(self, loss: float, times: StepTimes) -> None:
         step_s = max(times.total, 1e-9)
         grad_norm = self.engine.get_global_grad_norm()
-        injected = self.head.last_vpl_injected
+        injected = getattr(self.head, "last_vpl_injected", None)
+        sampled = getattr(self.head, "last_sampled_classes", None)
         self.metrics.observe_step(
             step=self.state.step, epoch=self.state.epoch, loss=loss, lr=self.schedule.lr(max(self.state.step - 1, 0)),
             images_per_s_rank=self.cfg.data.batch_size / step_s, images_per_s_global=self.global_batch / step_s,
@@ -349,7 +371,7 @@ class Trainer:
             grad_norm=None if grad_norm is None else float(grad_norm),
             loss_scale=self._loss_scale() if self.precision == "fp16" else None,
             skipped_steps=int(self.engine.skipped_steps),
-            sampled_classes=None if self.head.last_sampled_classes is None else self.head.last_sampled_classes.numel(),
+            sampled_classes=None if sampled is None else sampled.numel(),
             vpl_injected_fraction=None if injected is None else float(injected),
         )
 

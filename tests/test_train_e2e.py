@@ -80,12 +80,14 @@ def test_fr_train_learns_on_the_synthetic_default(cache_dir: Path, tmp_path: Pat
 
 
 @pytest.mark.slow
-def test_ray_job_submit_runs_fr_train_to_success(cache_dir: Path, tmp_path: Path) -> None:
+def test_ray_job_submit_runs_fr_train_to_success(cache_dir: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """A real Ray head on 127.0.0.1, a real `ray job submit`, SUCCEEDED, loss and eval in the logs."""
-    env = _env(tmp_path)
     # Token authentication, as a cluster should run: the head, the client and the job share it.
-    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
-    temp_dir = Path("/tmp") / f"ray_fr_{os.getpid()}"  # short: Ray's socket paths have a length limit
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    monkeypatch.setenv("RAY_AUTH_TOKEN", secrets.token_hex(32))
+    env = _env(tmp_path)
+    temp_dir = Path(tempfile.mkdtemp(prefix="rayh", dir="/tmp"))  # short: socket paths are length-limited
     port, dash = free_port(), free_port()
     start = [str(BIN / "ray"), "start", "--head", "--port", str(port), "--node-ip-address", "127.0.0.1",
              "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", "2",
@@ -99,21 +101,23 @@ def test_ray_job_submit_runs_fr_train_to_success(cache_dir: Path, tmp_path: Path
                   "--set", f"data.cache_dir={cache_dir}", *SYNTH_FLAGS,
                   "--set", "data.batch_size=8", "--set", "run.log_every=2", "--set", "head.vpl_start_iter=2",
                   "--set", "eval.every_steps=0"]
-        out = subprocess.run(submit, env=env, check=True, capture_output=True, text=True, timeout=120).stdout
-        job_id = next(w for w in out.split() if w.startswith("raysubmit_"))
-        status = ""
-        deadline = time.time() + 600
-        while time.time() < deadline:
-            status = subprocess.run([str(BIN / "ray"), "job", "status", "--address", address, job_id], env=env,
-                                    capture_output=True, text=True, timeout=60).stdout
-            if any(s in status for s in ("SUCCEEDED", "FAILED", "STOPPED")):
+        out = subprocess.run(submit, env=env, check=True, capture_output=True, text=True, timeout=120)
+        job_id = next(w.strip("'") for w in (out.stdout + out.stderr).split() if w.strip("'").startswith("raysubmit_"))
+        ray_cli = [str(BIN / "ray"), "job"]
+        deadline, status = time.time() + 600, ""
+        while time.time() < deadline:  # the CLI prints "Job '…' succeeded" / "failed" / "was stopped"
+            p = subprocess.run([*ray_cli, "status", "--address", address, job_id], env=env,
+                               capture_output=True, text=True, timeout=60)
+            status = (p.stdout + p.stderr).lower()
+            if any(word in status for word in ("succeeded", "failed", "stopped")):
                 break
-            time.sleep(3)
-        logs = subprocess.run([str(BIN / "ray"), "job", "logs", "--address", address, job_id], env=env,
+            time.sleep(2)
+        logs = subprocess.run([*ray_cli, "logs", "--address", address, job_id], env=env,
                               capture_output=True, text=True, timeout=60).stdout
-        assert "SUCCEEDED" in status, status + logs[-5000:]
+        assert f"job '{job_id}' succeeded" in status, status + logs[-5000:]
         assert "[fr_train] step 6/6 loss" in logs
         assert "[fr_train] eval step 6 synth_val: accuracy" in logs
+        assert "[fr_train] finished 6 steps" in logs
     finally:
         subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
         shutil.rmtree(temp_dir, ignore_errors=True)

@@ -18,6 +18,7 @@ leftovers out of a later attempt's commit.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -229,10 +230,14 @@ class CheckpointManager:
         return self.root / f".tmp-{step_dir_name(step)}-{self.session}"
 
     def save_async(self, step: int, payload: dict[str, Any], shared: dict[str, Any] | None = None,
-                   meta: dict[str, Any] | None = None, *, clone_cpu_tensors: bool = True) -> None:
+                   meta: dict[str, Any] | None = None, *, private_payload: bool = False) -> None:
         """Checkpoint ``step``. ``payload``: this rank's state (resume.py's convention); ``shared`` and
         ``meta`` (rank 0 only): the backbone state and the JSON run facts ``epoch``, ``samples_seen``,
-        ``num_classes``, ``config``. Returns once the state is copied to host memory."""
+        ``num_classes``, ``config``. Returns once the state is copied to host memory.
+
+        ``private_payload=True``: every CPU tensor of ``payload`` is already a private copy that nobody
+        mutates (``PartialFC.state_dict()`` clones its rows), so it is not copied a second time. The
+        shared payload is always copied (``module.state_dict()`` returns the live parameters)."""
         self.wait()
         if self._last_step is not None and step <= self._last_step:
             # Re-saving a step would reuse its temporary directory while rank 0 may still be
@@ -253,21 +258,21 @@ class CheckpointManager:
         elif shared is not None or meta is not None:
             raise ValueError(f"rank {self.rank}: only rank 0 writes the shared payload and meta")
         rank_blob = snapshot({"format": RANK_FORMAT, "rank": self.rank, "world_size": self.world, "step": step,
-                              "payload": payload}, clone_cpu_tensors=clone_cpu_tensors, path=f"rank {self.rank} payload")
+                              "payload": payload}, clone_cpu_tensors=not private_payload,
+                             path=f"rank {self.rank} payload")
         shared_blob = None if shared is None else snapshot(
-            {"format": SHARED_FORMAT, "step": step, "payload": shared}, clone_cpu_tensors=clone_cpu_tensors,
-            path="shared payload")
+            {"format": SHARED_FORMAT, "step": step, "payload": shared}, path="shared payload")
         timing = SaveTiming(step, stall=time.perf_counter() - t0)
         pending = _Pending(threading.Thread(), timing)
-        pending.thread = threading.Thread(target=self._write, args=(step, rank_blob, shared_blob, full_meta, pending),
+        pending.thread = threading.Thread(target=self._write, args=(step, [rank_blob, shared_blob], full_meta, pending),
                                           name=f"checkpoint-step-{step}", daemon=False)
         self._pending, self._last_step = pending, step
         pending.thread.start()
 
     def save(self, step: int, payload: dict[str, Any], shared: dict[str, Any] | None = None,
-             meta: dict[str, Any] | None = None, *, clone_cpu_tensors: bool = True) -> None:
+             meta: dict[str, Any] | None = None, *, private_payload: bool = False) -> None:
         """Synchronous save (final checkpoint at exit, or a preemption with seconds left)."""
-        self.save_async(step, payload, shared, meta, clone_cpu_tensors=clone_cpu_tensors)
+        self.save_async(step, payload, shared, meta, private_payload=private_payload)
         self.wait()
 
     def wait(self) -> None:
@@ -284,14 +289,15 @@ class CheckpointManager:
     def close(self) -> None:
         self.wait()
 
-    def _write(self, step: int, rank_blob: Any, shared_blob: Any, meta: dict[str, Any] | None,
-               pending: _Pending) -> None:
+    def _write(self, step: int, blobs: list[Any], meta: dict[str, Any] | None, pending: _Pending) -> None:
+        """``blobs`` = [rank payload, shared payload], popped as written so their host memory is freed
+        while rank 0 still waits for the other ranks (a Thread keeps its args alive until it ends)."""
         t0 = time.perf_counter()
         try:
             tmp = self.tmp_dir(step)
             tmp.mkdir(parents=True, exist_ok=True)
-            entry = write_torch(tmp / rank_file(self.rank), rank_blob)
-            del rank_blob
+            shared_blob = blobs.pop()
+            entry = write_torch(tmp / rank_file(self.rank), blobs.pop())
             marker = tmp / f"rank_{self.rank}.done.json"
             write_json(marker.with_suffix(".partial"), entry.to_dict())
             os.replace(marker.with_suffix(".partial"), marker)  # atomic publish of "my file is complete"
@@ -299,9 +305,13 @@ class CheckpointManager:
             if self.rank == 0:
                 assert meta is not None
                 pending.timing.bytes_written += self._commit(step, tmp, shared_blob, meta)
+            del shared_blob
         except BaseException as e:
             pending.error.append(e)
             log.error("checkpoint step %d: write failed on rank %d: %s", step, self.rank, e)
+            if self.rank != 0:  # tell rank 0 now, instead of letting it wait for the commit timeout
+                with contextlib.suppress(OSError):
+                    write_json(self.tmp_dir(step) / f"rank_{self.rank}.failed.json", {"error": repr(e)})
         finally:
             pending.timing.write = time.perf_counter() - t0
 
@@ -326,7 +336,7 @@ class CheckpointManager:
         if trash is not None:
             shutil.rmtree(trash, ignore_errors=True)
         self._prune(step)
-        return sum(e.size for e in files.values())
+        return sum(e.size for name, e in files.items() if name in (SHARED_FILE, META_FILE))
 
     def _await_ranks(self, step: int, tmp: Path) -> dict[str, FileEntry]:
         deadline = time.monotonic() + self.commit_timeout_s
@@ -338,6 +348,10 @@ class CheckpointManager:
                     entries[rank_file(r)] = FileEntry(**json.loads(marker.read_text()))
             if len(entries) == self.world:
                 return entries
+            failed = sorted(tmp.glob("rank_*.failed.json"))
+            if failed:
+                raise RuntimeError(f"{failed[0]}: {json.loads(failed[0].read_text())['error']}; step {step} "
+                                   "is not committed")
             if time.monotonic() > deadline:
                 missing = [r for r in range(self.world) if rank_file(r) not in entries]
                 raise TimeoutError(f"{tmp}: rank(s) {missing} did not finish writing step {step} within "
