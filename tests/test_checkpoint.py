@@ -256,6 +256,26 @@ def test_save_async_snapshots_the_state_and_orders_the_writes(tmp_path: Path) ->
     assert torch.all(mgr.load(tmp_path / "step_000000001").rank_payload(0)["data"]["w"] == 0.0)
 
 
+def test_private_payload_skips_only_the_rank_copy_never_the_live_backbone(tmp_path: Path) -> None:
+    """``private_payload=True`` trusts the head state's own clone; the backbone's live tensors are
+    still copied, so a training step during the write cannot leak into the checkpoint."""
+    model, _ = _backbone()
+    head = _head()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    mgr = CheckpointManager(tmp_path, keep=1, rank=0, world=1)
+    mgr.save_async(1, _payload(1, head), {"backbone": model.state_dict()}, _meta(), private_payload=True)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    mgr.wait()
+    ckpt = find_latest(tmp_path)
+    assert ckpt is not None
+    shared = ckpt.shared()
+    assert shared is not None
+    for k, v in shared["backbone"].items():
+        assert torch.equal(v, before[k]), k
+
+
 def test_a_failed_background_write_is_raised_by_the_next_wait(tmp_path: Path) -> None:
     blocker = tmp_path / "not_a_dir"
     blocker.write_text("")
@@ -264,6 +284,19 @@ def test_a_failed_background_write_is_raised_by_the_next_wait(tmp_path: Path) ->
     with pytest.raises(RuntimeError, match=r"checkpoint of step 4 .* failed on rank 0"):
         mgr.wait()
     mgr.close()  # the error is reported once
+
+
+def test_rank_0_gives_up_the_commit_when_another_rank_failed_to_write(tmp_path: Path) -> None:
+    """A rank whose write fails says so in the shared directory; rank 0 reports it instead of waiting."""
+    mgrs = [CheckpointManager(tmp_path, keep=1, rank=r, world=2, session="attempt") for r in range(2)]
+    (mgrs[1].tmp_dir(1) / "rank_1.pt").mkdir(parents=True)  # rank 1 cannot create its file
+    mgrs[1].save_async(1, _payload(1), None, None)
+    with pytest.raises(RuntimeError, match="failed on rank 1"):
+        mgrs[1].wait()
+    mgrs[0].save_async(1, _payload(1), None, _meta())
+    with pytest.raises(RuntimeError, match=r"rank_1\.failed\.json: IsADirectoryError"):
+        mgrs[0].wait()
+    assert find_latest(tmp_path) is None
 
 
 def test_a_step_is_saved_once_and_steps_increase(tmp_path: Path) -> None:
