@@ -114,7 +114,7 @@ def test_ray_job_submit_runs_fr_train_to_success(cache_dir: Path, tmp_path: Path
             time.sleep(2)
         logs = subprocess.run([*ray_cli, "logs", "--address", address, job_id], env=env,
                               capture_output=True, text=True, timeout=60).stdout
-        assert f"job '{job_id}' succeeded" in status, status + logs[-5000:]
+        assert f"job '{job_id.lower()}' succeeded" in status, status + logs[-5000:]
         assert "[fr_train] step 6/6 loss" in logs
         assert "[fr_train] eval step 6 synth_val: accuracy" in logs
         assert "[fr_train] finished 6 steps" in logs
