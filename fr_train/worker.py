@@ -162,6 +162,7 @@ class Trainer:
 
         self.metrics = RunMetrics(cfg.metrics, cfg.run.name, job_id, rank, world, socket.gethostname(),
                                   checkpoint_interval_s=cfg.checkpoint.every_minutes * 60, device=device)
+        self._setup_checkpointing()
 
     # ------------------------------------------------------------------ construction
     def _build(self) -> None:
@@ -290,14 +291,101 @@ class Trainer:
         times.optimizer += t3 - t2
         return loss_value
 
-    def _any_rank_stopping(self) -> bool:
-        """A SIGTERM reaches one worker; every rank must leave the loop at the same step."""
+    def _agree(self, *flags: bool) -> list[bool]:
+        """Each flag true on any rank → true on every rank (one small all-reduce): a SIGTERM reaches
+        one worker, a time-based checkpoint falls due at slightly different moments, yet all ranks
+        must stop or save at the same step."""
         if self.world == 1 or not dist.is_initialized():
-            return self.stop_requested
-        flag = torch.tensor([1.0 if self.stop_requested else 0.0])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        self.stop_requested = bool(flag.item())
-        return self.stop_requested
+            return list(flags)
+        t = torch.tensor([1.0 if f else 0.0 for f in flags])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return [bool(v) for v in t.tolist()]
+
+    # ------------------------------------------------------------------ checkpoints
+    def _setup_checkpointing(self) -> None:
+        from fr_train.checkpointing import CheckpointManager, SavePolicy, broadcast_session_token
+
+        c = self.cfg.checkpoint
+        distributed = self.world > 1 and dist.is_initialized()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        session = broadcast_session_token() if distributed else None
+        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", c.keep, self.rank, self.world, session=session)
+        self.save_policy = SavePolicy(c.every_steps, c.every_minutes)
+        self.last_saved_step = -1
+        self.resumed_from: str | None = None
+        self._resume()
+
+    def _resume(self) -> None:
+        """checkpoint.resume: auto (the newest valid checkpoint of this run, if any), never, or a path."""
+        from fr_train.checkpointing import load_checkpoint, restore_rng
+
+        mode = self.cfg.checkpoint.resume
+        if mode == "never":
+            return
+        path: str | None = None
+        if self.rank == 0:
+            if mode == "auto":
+                latest = self.ckpt.latest()  # logs every checkpoint it skips, and why
+                path = None if latest is None else str(latest.path)
+            else:
+                path = mode
+        if self.world > 1 and dist.is_initialized():
+            box = [path]
+            dist.broadcast_object_list(box, src=0)
+            path = box[0]
+        if path is None:
+            return
+        ckpt = load_checkpoint(path, hash_files=self.rank == 0)
+        ckpt.check_compatible(self.cfg.to_dict(), self.num_classes)
+        payload = ckpt.payload_for(self.rank, self.world)
+        shared = ckpt.shared()
+        if shared is None:
+            raise ValueError(f"{path}: has no backbone.pt; it is not a checkpoint of a training run")
+        self.engine.module.load_state_dict(shared["backbone"])
+        self.engine.optimizer.load_state_dict(shared["optimizer"])
+        self.head.load_state_dict(payload["head"])
+        train = payload["train"]
+        self.state.step, self.state.epoch, self.state.samples_seen = train["step"], train["epoch"], train["samples_seen"]
+        data_state, load_data = payload.get("data"), getattr(self.data, "load_state_dict", None)
+        if data_state is not None and load_data is not None:
+            load_data(data_state)  # the exact reader position (same world size)
+        if payload.get("rng") is not None:
+            restore_rng(payload["rng"])
+        else:  # another world size: a fresh, deterministic stream per rank; the epoch restarts
+            seed_everything(self.cfg.run.seed + 1_000_003 * self.state.step + self.rank)
+        self.last_saved_step = self.state.step
+        self.resumed_from = path
+        self.metrics.mark_resume()
+        if self.rank == 0:
+            print(f"[fr_train] resumed from {path} at step {self.state.step} (epoch {self.state.epoch}, "
+                  f"saved by {ckpt.world_size} rank(s), now {self.world})", flush=True)
+
+    def save_checkpoint(self, sync: bool = False) -> None:
+        """Every rank writes its shard (head, data position, RNG); rank 0 adds the backbone and its
+        optimizer. Asynchronous unless `sync`: the step waits only for the copy to host memory."""
+        from fr_train.checkpointing import capture_rng
+
+        st = self.state
+        if st.step == self.last_saved_step:
+            return
+        state_fn = getattr(self.data, "state_dict", None)
+        payload = {"train": {"step": st.step, "epoch": st.epoch, "samples_seen": st.samples_seen},
+                   "head": self.head.state_dict(), "data": state_fn() if state_fn is not None else None,
+                   "rng": capture_rng()}
+        shared = meta = None
+        if self.rank == 0:
+            shared = {"backbone": self.engine.module.state_dict(), "optimizer": self.engine.optimizer.state_dict()}
+            meta = {"epoch": st.epoch, "samples_seen": st.samples_seen, "num_classes": self.num_classes,
+                    "config": self.cfg.to_dict()}
+        t0 = time.perf_counter()
+        save = self.ckpt.save if sync else self.ckpt.save_async
+        save(st.step, payload, shared, meta, private_payload=True)
+        stall = time.perf_counter() - t0
+        self.save_policy.saved()
+        self.last_saved_step = st.step
+        timing = self.ckpt.last_timing
+        self.metrics.observe_checkpoint(write_s=timing.write if timing is not None and sync else stall,
+                                        stall_s=stall, ok=True)
 
     def _loss_scale(self) -> float:
         """DeepSpeed's current dynamic loss scale (fp16), 1.0 otherwise."""
@@ -345,14 +433,29 @@ class Trainer:
                     self._emit(record, progress)
                 if cfg.eval.every_steps and st.step % cfg.eval.every_steps == 0 and st.step < self.total_steps:
                     last_eval = self.evaluate()
-                if st.step >= self.total_steps or self._any_rank_stopping():
+                stopping, save_due = self._agree(self.stop_requested, self.save_policy.due(st.step))
+                self.stop_requested = stopping
+                if save_due and not stopping:
+                    self.save_checkpoint()
+                if st.step >= self.total_steps or stopping:
                     break
                 t_data = time.perf_counter()
             else:
                 st.epoch += 1
                 self.data.reset()
+                self.save_checkpoint()  # epoch ends are checkpoints too
         if progress is not None:
             progress.close()
+        if self.stop_requested and st.step < self.total_steps:
+            # Preempted: checkpoint this step synchronously and leave; the resumed run finishes.
+            self.save_checkpoint(sync=True)
+            self.ckpt.close()
+            self.metrics.close(clean=False)
+            if self.rank == 0:
+                print(f"[fr_train] stopped at step {st.step} on request; checkpoint saved, resume with "
+                      f"the same --name", flush=True)
+            return st
+        self.ckpt.close()
         last_eval = self.evaluate()
         self._finish(last_eval)
         return st
