@@ -56,3 +56,63 @@ def test_stopped_and_resumed_run_reproduces_the_uninterrupted_losses(tmp_path_fa
     assert first + second == straight  # bitwise: float equality of every step's loss
     checkpoints = sorted(p.name for p in (tmp_path / "interrupted" / "checkpoints").glob("step_*"))
     assert checkpoints[-1] == "step_000000020"
+
+
+@pytest.mark.slow
+def test_ray_restarts_a_killed_worker_and_the_run_resumes(tmp_path_factory: pytest.TempPathFactory,
+                                                         tmp_path: Path) -> None:
+    """SIGKILL one Ray Train worker mid-run: Ray restarts the worker group (FailureConfig), the
+    workers resume from the newest checkpoint without a human, and the job finishes; at most one
+    checkpoint interval of steps is recomputed."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    import psutil
+
+    from tests.test_train_e2e import SYNTH_FLAGS, _env
+
+    storage, interval, kill_after = tmp_path / "runs", 5, 12
+    log = storage / "killed" / "train_log.jsonl"
+    killed: list[int] = []
+
+    def kill_a_worker_after_step(job: subprocess.Popen) -> None:
+        """Only this job's workers: descendants of the fr_train process (its local Ray cluster)."""
+        deadline = time.time() + 600
+        while time.time() < deadline and not killed and job.poll() is None:
+            steps = [json.loads(line).get("step", 0) for line in log.read_text().splitlines()] if log.exists() else []
+            if steps and max(steps) >= kill_after:
+                for child in psutil.Process(job.pid).children(recursive=True):
+                    try:
+                        if "RayTrainWorker" in " ".join(child.cmdline()):
+                            os.kill(child.pid, signal.SIGKILL)
+                            killed.append(child.pid)
+                            break
+                    except psutil.Error:
+                        continue
+            time.sleep(0.5)
+
+    cmd = [str(Path(sys.executable).parent / "fr_train"), "mbf", "cosface", "--name", "killed",
+           "--storage", str(storage), "--num-workers", "2", "--max-steps", "24",
+           "--set", f"data.cache_dir={tmp_path_factory.mktemp('kill_cache')}", *SYNTH_FLAGS,
+           "--set", "data.batch_size=16", "--set", "run.log_every=1", "--set", "eval.enabled=false",
+           "--set", f"checkpoint.every_steps={interval}", "--set", "run.max_failures=2"]
+    proc = subprocess.Popen(cmd, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    killer = threading.Thread(target=kill_a_worker_after_step, args=(proc,), daemon=True)
+    killer.start()
+    out, _ = proc.communicate(timeout=900)
+    killer.join(timeout=5)
+    assert killed, "no RayTrainWorker process was found to kill"
+    assert proc.returncode == 0, out[-5000:]
+    assert "[fr_train] resumed from" in out, out[-5000:]
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    steps = [r["step"] for r in records if r.get("event") == "train"]
+    restart = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])
+    resumed_at = steps[restart] - 1
+    assert kill_after - interval <= resumed_at < steps[restart - 1] + 1  # lost at most one interval
+    assert steps[restart:] == list(range(resumed_at + 1, 25))  # then every step once, to the end
+    assert any(r.get("event") == "end" and r["step"] == 24 for r in records)

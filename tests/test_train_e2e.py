@@ -178,6 +178,11 @@ def _train_losses(rank: int, world: int, cfg_dict: dict, images: torch.Tensor, l
     cfg.data.batch_size = global_batch // world
     data = _SameGlobalBatches(images, labels, steps, global_batch, rank, world)
     trainer = Trainer(cfg, rank, world, torch.device("cpu"), data=data)
+    # BatchNorm on running statistics: per-rank batch statistics (W=2 normalises over 16 images,
+    # W=1 over 32) are the one thing data parallelism legitimately changes, and with them the
+    # curves drift apart chaotically (6-10% after 4 steps here), hiding everything else.
+    trainer.engine.module.eval()
+    trainer.engine.train = lambda mode=True: None
     trainer.fit()
     return [h["loss"] for h in trainer.state.history]
 
@@ -256,13 +261,15 @@ def test_gradient_accumulation_equals_one_large_batch(cache_dir: Path, tmp_path:
 
 @pytest.mark.slow
 def test_two_workers_follow_the_loss_curve_of_one(cache_dir: Path, tmp_path: Path) -> None:
-    """Same global batches and seed at sample_rate 1, BatchNorm in training mode: the W=2 loss
-    curve stays close to W=1's; only BatchNorm's per-rank batch statistics differ."""
+    """Same global batches and seed at sample_rate 1: over several optimizer steps (DeepSpeed's SGD
+    on the backbone, the head's own row-sparse SGD, the LR schedule) W=2 follows W=1's loss
+    curve to float tolerance."""
     cfg, data_dir = _equivalence_config(cache_dir, tmp_path)
+    cfg["optimizer"]["lr"] = 0.002  # small: on untrained running statistics the activations are large
     images, labels = _real_images(data_dir, 64)
     one = np.array(run_distributed(_train_losses, 1, cfg, images, labels, 5, 32, timeout=600)[0])
     two = run_distributed(_train_losses, 2, cfg, images, labels, 5, 32, timeout=600)
     assert two[0] == two[1]  # the loss is the same number on every rank
     print(f"\nW=1 {np.round(one, 4).tolist()}\nW=2 {np.round(two[0], 4).tolist()}")
-    np.testing.assert_allclose(two[0], one, rtol=0.05)
-    assert one[-1] < one[0]
+    np.testing.assert_allclose(two[0], one, rtol=1e-4)
+    assert len(set(one.tolist())) == len(one)  # every step changed the model
