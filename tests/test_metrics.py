@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import socket
 import statistics
 import threading
@@ -19,6 +20,7 @@ from collections.abc import Callable, Iterator
 
 import psutil
 import pytest
+import torch
 from prometheus_client.exposition import delete_from_gateway
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -355,3 +357,55 @@ def test_a_nan_loss_is_exported_as_nan_so_the_alert_can_see_it() -> None:
                    samples_seen=1, data_s=0.0, forward_s=0.0, backward_s=0.0, optimizer_s=0.0, step_s=0.0)
     v = m.registry.get_sample_value("fr_train_loss", {"run": "metrics-nan", "job_id": JOB_ID, "rank": "0", "host": HOST})
     assert v is not None and math.isnan(v)
+
+
+def _train_pushing(rank: int, world: int, cfg_dict: dict) -> int:
+    from fr_train.config import TrainConfig
+    from fr_train.worker import Trainer
+
+    trainer = Trainer(TrainConfig.from_dict(cfg_dict), rank, world, torch.device("cpu"), job_id="fr-train-job")
+    trainer.fit()
+    return trainer.state.step
+
+
+@pytest.mark.slow
+def test_the_fr_train_job_pushes_its_metrics_for_every_rank(
+    monitoring_stack: MonitoringStack, tmp_path_factory: pytest.TempPathFactory,  # noqa: F811
+) -> None:
+    """The real trainer (DALI data, DeepSpeed backbone, sharded VPL head, 2 gloo ranks) pushes
+    to the Pushgateway: Prometheus sees steps, loss, throughput, sampled classes, VPL injection,
+    evaluation and checkpoints for each rank, and a clean finish deletes the ranks' groups."""
+    import time as _time
+
+    from cluster.launch import prepare_data
+    from fr_train.config import build_config
+    from tests.distributed import run_distributed
+    from tests.test_train_e2e import SYNTH
+
+    run = f"trainer-{os.getpid()}"
+    cfg = build_config("mbf", "vpl", overrides=[
+        f"data.cache_dir={tmp_path_factory.mktemp('metrics_cache')}", *SYNTH,
+        f"run.storage={tmp_path_factory.mktemp('metrics_runs')}", f"run.name={run}", "data.batch_size=16",
+        "schedule.max_steps=30", "head.vpl_start_iter=3", "head.sample_rate=0.5", "checkpoint.every_steps=10",
+        "eval.every_steps=0", f"metrics.pushgateway={monitoring_stack.pushgateway_url}", "metrics.push_interval=0.25"])
+    cfg.data.path = str(prepare_data(cfg))
+    started = _time.time()
+    assert run_distributed(_train_pushing, 2, cfg.to_dict(), timeout=600) == [30, 30]
+    prom = monitoring_stack.prometheus
+    window = f"[{int(_time.time() - started) + 30}s]"
+
+    def last(name: str, rank: int) -> float:
+        return prom.value(f'max_over_time({name}{{run="{run}", rank="{rank}", job_id="fr-train-job"}}{window})')
+
+    deadline = _time.time() + 20
+    while _time.time() < deadline and not prom.query(f'max_over_time(fr_train_step{{run="{run}"}}{window}) >= 30'):
+        _time.sleep(0.5)
+    for rank in (0, 1):
+        assert last("fr_train_step", rank) == 30
+        assert last("fr_train_images_per_second", rank) > 0
+        assert 0 < last("fr_train_loss", rank) < 100
+        assert last("fr_train_head_sampled_classes", rank) > 0
+        assert 0 < last("fr_train_vpl_injected_fraction", rank) <= 1
+        assert last("fr_train_last_good_checkpoint_timestamp_seconds", rank) >= started
+    assert last("fr_train_eval_accuracy", 0) > 0.4  # rank 0 evaluates at step 0 and at the end
+    assert not [g for g in monitoring_stack.pushgateway_groups() if g.get("run") == run]  # clean finish
