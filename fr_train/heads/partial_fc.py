@@ -21,6 +21,7 @@ backbone's averaged gradient by W). The head's own parameters are never averaged
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -77,6 +78,27 @@ def _block_init(
         a, b = max(lo, class_start), min(hi, end)
         out[a - class_start : b - class_start] = rows[a - lo : b - lo].to(dtype)
     return out
+
+
+@dataclass(frozen=True)
+class SampledStep:
+    """One step's shared tensors: ``x`` [B, D] global batch (normalised unless the margin is linear;
+    gradient reduce-scattered to the owners), ``labels`` [B]; ``w`` [S, D] this shard's sampled
+    prototypes (gradient to ``weight`` rows) and ``bias`` [S] (softmax preset only);
+    ``target_col`` [B]: column of each row's class in ``w``, −1 where another rank owns it;
+    ``sizes``: local batch sizes; ``start``: this rank's first row in ``x``; ``owned``/
+    ``local_labels``: the rows whose class this rank owns and those classes' local indices."""
+
+    x: torch.Tensor
+    labels: torch.Tensor
+    w: torch.Tensor
+    bias: torch.Tensor | None
+    target_col: torch.Tensor
+    sizes: list[int]
+    start: int
+    owned: torch.Tensor
+    local_labels: torch.Tensor
+    iteration: int
 
 
 class PartialFC(nn.Module):
@@ -189,7 +211,10 @@ class PartialFC(nn.Module):
             raise ValueError("PartialFC.forward: the global batch is empty on every rank")
         return sizes
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def prepare(self, embeddings: torch.Tensor, labels: torch.Tensor) -> SampledStep:
+        """The front half of a step, shared by every loss on this head: checks, normalise and
+        all-gather, advance the iteration (training), sample this shard's rows, (normalised, VPL-
+        injected) prototypes. Sets ``last_sampled_classes`` (and ``last_vpl_injected``)."""
         sizes = self._check_and_sizes(embeddings, labels)
         compute_dtype = torch.float64 if torch.float64 in (embeddings.dtype, self.weight.dtype) else torch.float32
         x_local = embeddings.to(compute_dtype)
@@ -225,12 +250,17 @@ class PartialFC(nn.Module):
 
         target_col = torch.full_like(y, -1)
         target_col[owned] = cols
-        loss = margin_softmax_ce(x, w, bias, target_col, self.margin, self.comm, self.matmul_dtype)
-
-        if self.training and self.vpl is not None:
-            write_latest(self.vpl_memory, self.vpl_memory_iter, local_labels, x[owned].detach(), step)
         sampled = torch.arange(self.num_local, device=y.device) if idx is None else idx
         self.last_sampled_classes = sampled + self.class_start
+        return SampledStep(x=x, labels=y, w=w, bias=bias, target_col=target_col, sizes=sizes,
+                           start=sum(sizes[: self.comm.rank]), owned=owned, local_labels=local_labels,
+                           iteration=step)
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        s = self.prepare(embeddings, labels)
+        loss = margin_softmax_ce(s.x, s.w, s.bias, s.target_col, self.margin, self.comm, self.matmul_dtype)
+        if self.training and self.vpl is not None:
+            write_latest(self.vpl_memory, self.vpl_memory_iter, s.local_labels, s.x[s.owned].detach(), s.iteration)
         return loss
 
     # Optimizer -----------------------------------------------------------------------------------
