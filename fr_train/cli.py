@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override any config key (repeatable), e.g. --set head.sample_rate=0.1")
     p.add_argument("--max-steps", type=int, default=None, help="stop after N steps (default: run all epochs)")
     p.add_argument("--epochs", type=int, default=None, help="number of epochs (default: 20)")
+    p.add_argument("--resume", default=None, metavar="auto|never|PATH",
+                   help="auto: continue the run of the same --name from its newest valid checkpoint (default); "
+                   "never: start fresh; PATH: a checkpoint directory (STORAGE/RUN/checkpoints/step_*)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
     return p
 
@@ -51,7 +54,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     flag_overrides = []
     for flag, key in (("data", "data.path"), ("num_workers", "run.num_workers"), ("name", "run.name"),
                       ("storage", "run.storage"), ("max_steps", "schedule.max_steps"),
-                      ("epochs", "schedule.epochs")):
+                      ("epochs", "schedule.epochs"), ("resume", "checkpoint.resume")):
         value = getattr(args, flag)
         if value is not None:
             flag_overrides.append(f"{key}={value}")

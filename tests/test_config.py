@@ -71,9 +71,10 @@ def test_resolved_config_round_trips_through_its_dict():
 
 def test_cli_flags_map_onto_the_tree_and_set_wins():
     args = build_parser().parse_args(["r18", "vpl", "--data", "/d", "--num-workers", "4", "--max-steps", "7",
-                                      "--set", "schedule.max_steps=9", "--name", "x"])
+                                      "--set", "schedule.max_steps=9", "--name", "x", "--resume", "never"])
     cfg = config_from_args(args)
     assert (cfg.data.path, cfg.run.num_workers, cfg.schedule.max_steps, cfg.run.name) == ("/d", 4, 9, "x")
+    assert cfg.checkpoint.resume == "never"
 
 
 def test_cli_reports_config_errors_with_exit_code_2(capsys):
