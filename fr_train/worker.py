@@ -86,7 +86,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def deepspeed_config(cfg: TrainConfig, precision: str, lr: float) -> dict[str, Any]:
+def deepspeed_config(cfg: TrainConfig, precision: str) -> dict[str, Any]:
     ds: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
         "gradient_accumulation_steps": cfg.run.grad_accum,
@@ -178,7 +178,7 @@ class Trainer:
         dataset = open_dataset(data_dir)
         self.num_classes = dataset.num_classes
         self.image_size = dataset.image_size
-        self.data: BatchSource = self._data_override or DaliFaceIterator(
+        self.data: BatchSource = self._data_override if self._data_override is not None else DaliFaceIterator(
             data_dir,
             DaliConfig(
                 batch_size=cfg.data.batch_size,
@@ -217,12 +217,12 @@ class Trainer:
             backbone = backbone.to(self.device, memory_format=torch.channels_last)
         opt = self._backbone_optimizer(backbone, base_lr)
         self.engine, _, _, _ = deepspeed.initialize(
-            model=backbone, optimizer=opt, config=deepspeed_config(cfg, self.precision, base_lr),
+            model=backbone, optimizer=opt, config=deepspeed_config(cfg, self.precision),
             dist_init_required=False,
         )
         self.head = build_head(cfg, self.num_classes, self.device, self.steps_per_epoch * cfg.run.grad_accum)
         # Heads without prototypes (triplet, contrastive) have nothing to optimise.
-        self.head_optimizer = None if not any(True for _ in self.head.parameters()) else self.head.make_optimizer(
+        self.head_optimizer = None if next(self.head.parameters(), None) is None else self.head.make_optimizer(
             kind=cfg.optimizer.name, lr=base_lr, momentum=cfg.optimizer.momentum,
             weight_decay=cfg.optimizer.weight_decay,
         )
