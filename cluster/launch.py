@@ -9,7 +9,6 @@ on the driver, before any worker starts, so workers never race to create files.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,8 +83,10 @@ def launch(cfg: TrainConfig) -> int:
 
     # Inside `ray job submit` RAY_ADDRESS is set and this joins that cluster; otherwise it starts
     # a local one. The job's runtime env must not be re-specified here (Ray rejects the merge).
+    # A local cluster keeps its dashboard (on 127.0.0.1): Ray Train's placement-group cleaner
+    # queries the State API it serves, and logs a failure every few seconds without it.
     if not ray.is_initialized():
-        ray.init(log_to_driver=True, include_dashboard=False if "RAY_ADDRESS" not in os.environ else None)
+        ray.init(log_to_driver=True)
     placement = choose_placement(cfg, ray.cluster_resources())
     print("[fr_train] resolved config:\n" + cfg.to_json(), flush=True)
     print(f"[fr_train] run {cfg.run.name}: {placement.num_workers} worker(s), "
