@@ -34,7 +34,7 @@ from fr_train.heads.margin import CombinedMargin
 from fr_train.heads.optim import RowSparseAdamW, RowSparseSGD
 from fr_train.heads.partial_fc import PartialFC
 from fr_train.heads.replicated import move_in, move_out, rebuild_with
-from fr_train.heads.sampled_step import sampled_step
+from fr_train.heads.sampled_step import check_seed_head, sampled_step
 
 
 class BCEHead(PartialFC):
@@ -58,11 +58,7 @@ class BCEHead(PartialFC):
         bias_ratio: float = 1.0,
         **kwargs: Any,
     ) -> None:
-        if vpl is not None:
-            raise ValueError("BCEHead does not support VPL")
-        if margin.linear:
-            raise ValueError("BCEHead needs a normalised margin (UniFace uses CombinedMargin.cosface(0.4)), "
-                             "not CombinedMargin.softmax()")
+        check_seed_head("BCEHead", margin, vpl, "UniFace uses CombinedMargin.cosface(0.4)")
         if not neg_weight > 0 or not bias_ratio > 0:
             raise ValueError(f"BCEHead neg_weight and bias_ratio must be > 0, got {neg_weight}, {bias_ratio}")
         super().__init__(num_classes, embedding_size, margin, sample_rate, group, None, **kwargs)

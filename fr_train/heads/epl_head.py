@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from fr_train.heads.cross_entropy import _matmul, margin_softmax_ce
 from fr_train.heads.margin import CombinedMargin
 from fr_train.heads.partial_fc import PartialFC, _block_init
-from fr_train.heads.sampled_step import sampled_step
+from fr_train.heads.sampled_step import check_seed_head, sampled_step
 from fr_train.heads.sharded_softmax import sharded_softmax_ce
 from fr_train.heads.vpl import NEVER_WRITTEN, write_latest
 
@@ -56,10 +56,7 @@ class EPLHead(PartialFC):
         start_iter: int = 0,
         **kwargs: Any,
     ) -> None:
-        if vpl is not None:
-            raise ValueError("EPLHead does not support VPL")
-        if margin.linear:
-            raise ValueError("EPLHead needs a normalised margin (EPL uses CombinedMargin.cosface(0.4))")
+        check_seed_head("EPLHead", margin, vpl, "EPL uses CombinedMargin.cosface(0.4)")
         if not 0.0 <= k < 1.0 or start_iter < 0:
             raise ValueError(f"EPLHead k must be in [0, 1) and start_iter >= 0, got {k}, {start_iter}")
         super().__init__(num_classes, embedding_size, margin, sample_rate, group, None, **kwargs)

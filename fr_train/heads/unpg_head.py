@@ -27,7 +27,7 @@ import torch.distributed as dist
 from fr_train.heads.cross_entropy import _matmul
 from fr_train.heads.margin import CombinedMargin
 from fr_train.heads.partial_fc import PartialFC
-from fr_train.heads.sampled_step import sampled_step
+from fr_train.heads.sampled_step import check_seed_head, sampled_step
 from fr_train.heads.sharded_softmax import sharded_softmax_ce
 
 
@@ -75,10 +75,7 @@ class UNPGHead(PartialFC):
         whisker: float = 1.5,
         **kwargs: Any,
     ) -> None:
-        if vpl is not None:
-            raise ValueError("UNPGHead does not support VPL")
-        if margin.linear:
-            raise ValueError("UNPGHead needs a normalised margin (ArcFace/CosFace...), not CombinedMargin.softmax()")
+        check_seed_head("UNPGHead", margin, vpl, "ArcFace/CosFace...")
         if not whisker >= 0:
             raise ValueError(f"UNPGHead whisker w must be >= 0, got {whisker}")
         super().__init__(num_classes, embedding_size, margin, sample_rate, group, None, **kwargs)

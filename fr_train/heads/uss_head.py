@@ -32,7 +32,7 @@ from fr_train.heads.margin import CombinedMargin
 from fr_train.heads.optim import RowSparseAdamW, RowSparseSGD
 from fr_train.heads.partial_fc import PartialFC
 from fr_train.heads.replicated import REPLICATED_KEY, move_in, move_out, rebuild_with
-from fr_train.heads.sampled_step import sampled_step
+from fr_train.heads.sampled_step import check_seed_head, sampled_step
 from fr_train.heads.vpl import NEVER_WRITTEN, write_latest
 
 _MEMORY_ROWS = ("uss_memory", "uss_memory_iter")
@@ -58,10 +58,7 @@ class USSHead(PartialFC):
         start_iter: int = 0,
         **kwargs: Any,
     ) -> None:
-        if vpl is not None:
-            raise ValueError("USSHead does not support VPL")
-        if margin.linear:
-            raise ValueError("USSHead needs a normalised margin (UniTSFace uses CombinedMargin.cosface(0.4))")
+        check_seed_head("USSHead", margin, vpl, "UniTSFace uses CombinedMargin.cosface(0.4)")
         if not uss_weight > 0 or start_iter < 0:
             raise ValueError(f"USSHead uss_weight must be > 0 and start_iter >= 0, got {uss_weight}, {start_iter}")
         super().__init__(num_classes, embedding_size, margin, sample_rate, group, None, **kwargs)
