@@ -1,7 +1,8 @@
 """Checkpoint stall vs write time as the head grows: async save vs a synchronous save, and load time.
 
-For each class count: a real ``PartialFC`` (512-d fp32 rows, SGD momentum rows: ≈ 4 KiB per class)
-and a real iresnet backbone with its torch SGD state. Per configuration, in one process:
+For each class count: a real ``PartialFC`` (512-d rows and SGD momentum rows: ≈ 4 KiB per class in
+fp32, half that with ``--storage-dtype bfloat16``) and a real iresnet backbone with its torch SGD
+state, on ``--device`` (on CUDA the stall is the device→host copy). Per configuration, in one process:
 
 - async: ``stall`` = ``head.state_dict()`` + ``save_async`` (what the training loop waits for), then
   ``total`` until the background write is committed (``wait``); meanwhile the loop keeps running
@@ -13,6 +14,8 @@ and a real iresnet backbone with its torch SGD state. Per configuration, in one 
 
     python benchmarks/checkpoint.py                         # 100k, 250k, 500k, 1M classes
     python benchmarks/checkpoint.py --classes 100000 --backbone r18
+    python benchmarks/checkpoint.py --device cuda --backbone r100 --classes 2000000
+    python benchmarks/checkpoint.py --device cuda --backbone r100 --classes 10000000 --storage-dtype bfloat16
 """
 
 from __future__ import annotations
@@ -36,14 +39,22 @@ from fr_train.config import TrainConfig
 from fr_train.heads import CombinedMargin, PartialFC
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _head_step(head: PartialFC, batch: int, gen: torch.Generator) -> float:
+    device = head.weight.device
+    _sync(device)
     t0 = time.perf_counter()
-    x = torch.randn(batch, head.embedding_size, generator=gen)
-    y = torch.randint(0, head.num_classes, (batch,), generator=gen)
+    x = torch.randn(batch, head.embedding_size, generator=gen, device=device)
+    y = torch.randint(0, head.num_classes, (batch,), generator=gen, device=device)
     head(x, y).backward()
     assert head.optimizer is not None
     head.optimizer.step()
     head.optimizer.zero_grad()
+    _sync(device)
     return time.perf_counter() - t0
 
 
@@ -52,15 +63,20 @@ def _payload(step: int, head: PartialFC) -> dict[str, Any]:
             "data": None, "rng": None}
 
 
-def run(classes: int, backbone_name: str, root: Path, cfg: dict[str, Any], idle_steps: int) -> dict[str, Any]:
-    head = PartialFC(classes, 512, CombinedMargin(), sample_rate=0.1, seed=0)
+def run(classes: int, backbone_name: str, root: Path, cfg: dict[str, Any], idle_steps: int,
+        device: torch.device, storage_dtype: torch.dtype) -> dict[str, Any]:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    head = PartialFC(classes, 512, CombinedMargin(), sample_rate=0.1, seed=0, device=device,
+                     storage_dtype=storage_dtype)
     head.make_optimizer(lr=0.1, momentum=0.9, weight_decay=5e-4)
-    backbone = build_backbone(backbone_name, embedding_size=512, image_size=112)
+    backbone = build_backbone(backbone_name, embedding_size=512, image_size=112).to(device)
     opt = torch.optim.SGD(backbone.parameters(), lr=0.1, momentum=0.9)
     for p in backbone.parameters():  # a momentum buffer per parameter, as after the first step
         p.grad = torch.zeros_like(p)
     opt.step()
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator(device=device).manual_seed(0)
     _head_step(head, 128, gen)  # warm-up, and momentum rows exist
     idle = [_head_step(head, 128, gen) for _ in range(idle_steps)]
     meta = {"epoch": 0, "samples_seen": 0, "num_classes": classes, "config": cfg}
@@ -87,6 +103,7 @@ def run(classes: int, backbone_name: str, root: Path, cfg: dict[str, Any], idle_
     mgr.save(2, _payload(2, head), shared, meta, private_payload=True)
     sync_total = time.perf_counter() - t0
     gc.collect()
+    peak_device_gb = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
     t0 = time.perf_counter()
     ckpt = find_latest(root)
@@ -101,7 +118,8 @@ def run(classes: int, backbone_name: str, root: Path, cfg: dict[str, Any], idle_
     del state, loaded_shared, ckpt, head, backbone, opt, shared
     gc.collect()
     return {
-        "classes": classes, "bytes": size, "async_stall_s": stall, "async_total_s": total,
+        "classes": classes, "device": str(device), "storage_dtype": str(storage_dtype).removeprefix("torch."),
+        "peak_device_gib": peak_device_gb, "bytes": size, "async_stall_s": stall, "async_total_s": total,
         "sync_total_s": sync_total, "write_mb_s": size / 2**20 / mgr.last_timing.write,
         "step_idle_s": sum(idle) / len(idle), "step_during_write_s": sum(during) / max(len(during), 1),
         "steps_during_write": len(during), "verify_s": verify, "load_total_s": load_total,
@@ -116,6 +134,9 @@ def main() -> None:
     ap.add_argument("--classes", type=int, nargs="+", default=[100_000, 250_000, 500_000, 1_000_000])
     ap.add_argument("--backbone", default="r50")
     ap.add_argument("--idle-steps", type=int, default=5)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda: where the head and backbone live")
+    ap.add_argument("--storage-dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="head rows and their momentum (bfloat16 halves both)")
     ap.add_argument("--root", default=None, help="directory for the checkpoints (default: a temp dir)")
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -127,7 +148,8 @@ def main() -> None:
     try:
         for classes in args.classes:
             root = base / f"c{classes}"
-            r = run(classes, args.backbone, root, cfg, args.idle_steps)
+            r = run(classes, args.backbone, root, cfg, args.idle_steps, torch.device(args.device),
+                    getattr(torch, args.storage_dtype))
             shutil.rmtree(root, ignore_errors=True)
             results.append(r)
             print(f"{r['classes']:>9} {r['bytes'] / 2**30:>6.2f} {r['async_stall_s']:>8.2f} {r['async_lost_s']:>7.2f} "
@@ -138,7 +160,9 @@ def main() -> None:
         if args.root is None:
             shutil.rmtree(base, ignore_errors=True)
     print(json.dumps({"benchmark": "checkpoint", "backbone": args.backbone, "host": platform.node(),
-                      "cpus": torch.get_num_threads(), "torch": torch.__version__, "results": results}))
+                      "cpus": torch.get_num_threads(), "torch": torch.__version__,
+                      "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
+                      "results": results}))
 
 
 if __name__ == "__main__":

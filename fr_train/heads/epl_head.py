@@ -32,6 +32,7 @@ from fr_train.heads.margin import CombinedMargin
 from fr_train.heads.partial_fc import PartialFC, _block_init
 from fr_train.heads.sampled_step import check_seed_head, sampled_step
 from fr_train.heads.sharded_softmax import sharded_softmax_ce
+from fr_train.heads.sharding import host_copy
 from fr_train.heads.vpl import NEVER_WRITTEN, write_latest
 
 _MEMORY_ROWS = ("epl_memory", "epl_memory_iter")
@@ -99,7 +100,7 @@ class EPLHead(PartialFC):
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:  # type: ignore[override]
         """PartialFC's state + the empirical prototypes in ``rows`` (per class: reshardable)."""
         state = super().state_dict(*args, **kwargs)
-        state["rows"].update(epl_memory=self.epl_memory.clone(), epl_memory_iter=self.epl_memory_iter.clone())
+        state["rows"].update(epl_memory=host_copy(self.epl_memory), epl_memory_iter=host_copy(self.epl_memory_iter))
         state["epl"] = {"k": self.k, "start_iter": self.start_iter}
         return state
 

@@ -34,7 +34,7 @@ from fr_train.heads.cross_entropy import margin_softmax_ce
 from fr_train.heads.margin import CombinedMargin
 from fr_train.heads.optim import RowSparseAdamW, RowSparseSGD
 from fr_train.heads.sampling import ClassSampler, sampler_seed
-from fr_train.heads.sharding import SPLIT_RULE, class_shard, resolve_group
+from fr_train.heads.sharding import SPLIT_RULE, class_shard, host_copy, resolve_group
 from fr_train.heads.vpl import NEVER_WRITTEN, VPLConfig, fresh_rows, inject, write_latest
 
 STATE_FORMAT = "fr_train.heads.PartialFC/1"
@@ -294,18 +294,18 @@ class PartialFC(nn.Module):
         if args or kwargs:
             raise TypeError("PartialFC is model-parallel (each rank holds a different shard): save it with "
                             "head.state_dict() on its own, not nested in another module's state_dict")
-        rows: dict[str, torch.Tensor] = {"weight": self.weight.detach().clone()}
+        rows: dict[str, torch.Tensor] = {"weight": host_copy(self.weight)}
         if self.bias is not None:
-            rows["bias"] = self.bias.detach().clone()
+            rows["bias"] = host_copy(self.bias)
         if self.vpl is not None:
-            rows["vpl_memory"] = self.vpl_memory.clone()
-            rows["vpl_memory_iter"] = self.vpl_memory_iter.clone()
+            rows["vpl_memory"] = host_copy(self.vpl_memory)
+            rows["vpl_memory_iter"] = host_copy(self.vpl_memory_iter)
         optimizer = None
         if self.optimizer is not None:
             optimizer = {
                 "kind": self.optimizer.kind,
                 "hyper": {k: v for k, v in self.optimizer.param_groups[0].items() if k != "params"},
-                "rows": {n: {k: v.clone() for k, v in s.items()} for n, s in self.optimizer.row_state().items()},
+                "rows": {n: {k: host_copy(v) for k, v in s.items()} for n, s in self.optimizer.row_state().items()},
             }
         return {
             "format": STATE_FORMAT,

@@ -33,6 +33,7 @@ from fr_train.heads.optim import RowSparseAdamW, RowSparseSGD
 from fr_train.heads.partial_fc import PartialFC
 from fr_train.heads.replicated import REPLICATED_KEY, move_in, move_out, rebuild_with
 from fr_train.heads.sampled_step import check_seed_head, sampled_step
+from fr_train.heads.sharding import host_copy
 from fr_train.heads.vpl import NEVER_WRITTEN, write_latest
 
 _MEMORY_ROWS = ("uss_memory", "uss_memory_iter")
@@ -137,9 +138,9 @@ class USSHead(PartialFC):
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:  # type: ignore[override]
         """PartialFC's state + the class memory in ``rows`` (per class: reshardable) + b under ``replicated``."""
         state = super().state_dict(*args, **kwargs)
-        state["rows"].update(uss_memory=self.uss_memory.clone(), uss_memory_iter=self.uss_memory_iter.clone())
+        state["rows"].update(uss_memory=host_copy(self.uss_memory), uss_memory_iter=host_copy(self.uss_memory_iter))
         move_out(state, {"unified_bias": self.unified_bias})
-        state[REPLICATED_KEY]["unified_bias_ready"] = {"value": self.unified_bias_ready.clone(), "optimizer": None}
+        state[REPLICATED_KEY]["unified_bias_ready"] = {"value": host_copy(self.unified_bias_ready), "optimizer": None}
         state["uss"] = {"margin": self.uss_margin, "weight": self.uss_weight, "start_iter": self.start_iter}
         return state
 
