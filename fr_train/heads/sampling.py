@@ -24,6 +24,14 @@ def num_sampled(num_positive: int, num_local: int, sample_rate: float) -> int:
     return min(num_local, max(num_positive, math.ceil(sample_rate * num_local)))
 
 
+def _resolved(device: torch.device) -> torch.device:
+    """``cuda`` → ``cuda:<current>``: a generator made for ``cuda`` and a tensor on ``cuda:0`` are on
+    the same device although ``torch.device("cuda") != torch.device("cuda", 0)``."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 class ClassSampler:
     """Draws the sampled local class rows of one step."""
 
@@ -31,7 +39,7 @@ class ClassSampler:
         self.num_local = num_local
         self.sample_rate = sample_rate
         self.seed, self.rank = seed, rank
-        self.generator = torch.Generator(device=device)
+        self.generator = torch.Generator(device=_resolved(device))
         self.reseed(0)
 
     def reseed(self, iteration: int) -> None:
@@ -41,8 +49,8 @@ class ClassSampler:
         self.generator.manual_seed(sampler_seed(self.seed + 7919 * iteration, self.rank))
 
     def _on(self, device: torch.device, iteration: int) -> None:
-        if self.generator.device != device:
-            self.generator = torch.Generator(device=device)
+        if _resolved(self.generator.device) != _resolved(device):
+            self.generator = torch.Generator(device=_resolved(device))
             self.reseed(iteration)
 
     def sample(self, positives: torch.Tensor, iteration: int) -> torch.Tensor | None:
