@@ -171,6 +171,10 @@ class CheckpointConfig:
     keep: int = 3
     resume: str = "auto"
     """auto: resume the run of the same name if it has a checkpoint; never; or a checkpoint path."""
+    preemption_poll_steps: int = 10
+    """Every N steps all ranks ask Ray Train whether a node of the run is being preempted (drained,
+    e.g. a spot instance reclaim; a barrier over the workers). On a notice they checkpoint at once
+    and train on until Ray restarts them from it. 0: never ask."""
 
 
 @dataclass
@@ -442,6 +446,7 @@ def validate(cfg: TrainConfig) -> None:
     _check(cfg.run.zero_stage in (0, 1, 2), "run.zero_stage", "must be 0, 1 or 2 (the head is model-parallel)")
     _check(cfg.run.grad_accum >= 1, "run.grad_accum", "must be >= 1")
     _check(cfg.run.log_every >= 1, "run.log_every", "must be >= 1")
+    _check(cfg.checkpoint.preemption_poll_steps >= 0, "checkpoint.preemption_poll_steps", "must be >= 0")
     _check(cfg.run.max_failures >= 0, "run.max_failures", "must be >= 0")
     _check(cfg.run.cpus_per_worker >= 1, "run.cpus_per_worker", "must be >= 1")
     _check(cfg.metrics.push_interval > 0, "metrics.push_interval", "must be > 0")

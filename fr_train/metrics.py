@@ -194,6 +194,7 @@ class RunMetrics:
             self._child(self.checkpoints, result)  # counters start at 0, so rate()/increase() see the first one
         self._child(self.restarts)
         self._child(self.resumes)
+        self._child(self.preemption_notices)
 
         self._pusher: _Pusher | None = None
         self._server: Any = None
@@ -255,6 +256,8 @@ class RunMetrics:
         self.checkpoint_interval = gauge("fr_train_checkpoint_interval_seconds", "Configured checkpoint period.")
         self.restarts = counter("fr_train_restarts", "Times this worker was restarted after a failure.")
         self.resumes = counter("fr_train_resumes", "Times this worker resumed from a checkpoint.")
+        self.preemption_notices = counter("fr_train_preemption_notices",
+                                          "Preemption notices (a node of the run drained) answered with a checkpoint.")
         self.start_time = gauge("fr_train_start_time_seconds", "Unix time this worker process started the run.")
         self.world_size = gauge("fr_train_world_size", "Number of ranks of the run.")
 
@@ -353,6 +356,10 @@ class RunMetrics:
     def mark_resume(self) -> None:
         """This worker resumed from a checkpoint."""
         self._child(self.resumes).inc()
+
+    def mark_preemption(self) -> None:
+        """A preemption notice arrived; a just-in-time checkpoint follows."""
+        self._child(self.preemption_notices).inc()
 
     # ------------------------------------------------------------------ delivery state / end
     @property

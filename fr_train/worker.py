@@ -67,6 +67,9 @@ class TrainState:
     step: int = 0
     epoch: int = 0
     samples_seen: int = 0
+    epoch_samples: int = 0
+    """Global samples consumed in the current epoch: the data position a resume on another world
+    size (or from a source without a reader state) skips ahead to."""
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -145,6 +148,7 @@ class Trainer:
         report: Callable[[dict[str, Any]], None] | None = None,
         data: BatchSource | None = None,
         job_id: str = "local",
+        preemption_notice: Callable[[], str | None] | None = None,
     ) -> None:
         self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
         self._data_override = data
@@ -152,6 +156,11 @@ class Trainer:
         self.precision = resolve_precision(cfg, device)
         self.state = TrainState()
         self.stop_requested = False
+        self._skip_batches = 0
+        # Asked on every rank at the same steps (Ray's query is a barrier); returns a description of
+        # the notice, the same on all ranks, or None.
+        self.preemption_notice = preemption_notice
+        self._notice_handled: str | None = None
         self.run_dir = Path(cfg.run.storage).expanduser() / cfg.run.name
         self.log_path = self.run_dir / "train_log.jsonl"
         if rank == 0:
@@ -346,12 +355,15 @@ class Trainer:
         self.head.load_state_dict(payload["head"])
         train = payload["train"]
         self.state.step, self.state.epoch, self.state.samples_seen = train["step"], train["epoch"], train["samples_seen"]
+        self.state.epoch_samples = int(train.get("epoch_samples", 0))
         data_state, load_data = payload.get("data"), getattr(self.data, "load_state_dict", None)
         if data_state is not None and load_data is not None:
             load_data(data_state)  # the exact reader position (same world size)
+        else:
+            self._skip_to(self.state.epoch_samples)
         if payload.get("rng") is not None:
             restore_rng(payload["rng"])
-        else:  # another world size: a fresh, deterministic stream per rank; the epoch restarts
+        else:  # another world size: a fresh, deterministic stream per rank; the data skips ahead (_skip_to)
             seed_everything(self.cfg.run.seed + 1_000_003 * self.state.step + self.rank)
         self.last_saved_step = self.state.step
         self.resumed_from = path
@@ -369,7 +381,8 @@ class Trainer:
         if st.step == self.last_saved_step:
             return
         state_fn = getattr(self.data, "state_dict", None)
-        payload = {"train": {"step": st.step, "epoch": st.epoch, "samples_seen": st.samples_seen},
+        payload = {"train": {"step": st.step, "epoch": st.epoch, "samples_seen": st.samples_seen,
+                             "epoch_samples": st.epoch_samples},
                    "head": self.head.state_dict(), "data": state_fn() if state_fn is not None else None,
                    "rng": capture_rng()}
         shared = meta = None
@@ -386,6 +399,42 @@ class Trainer:
         timing = self.ckpt.last_timing
         self.metrics.observe_checkpoint(write_s=timing.write if timing is not None and sync else stall,
                                         stall_s=stall, ok=True)
+
+    def _preempted(self) -> bool:
+        """A new preemption notice at this step (every checkpoint.preemption_poll_steps steps)."""
+        poll = self.cfg.checkpoint.preemption_poll_steps
+        if self.preemption_notice is None or not poll or self.state.step % poll:
+            return False
+        notice = self.preemption_notice()
+        if notice is None or notice == self._notice_handled:
+            return False
+        self._notice_handled = notice
+        self.metrics.mark_preemption()
+        if self.rank == 0:
+            print(f"[fr_train] preemption notice at step {self.state.step}: {notice}; checkpointing now, "
+                  "training goes on until the node is reclaimed", flush=True)
+        return True
+
+    def _skip_to(self, epoch_samples: int) -> None:
+        """Resume without the reader's own state (another world size, or a source that has none):
+        the epoch restarts and its first ``epoch_samples`` global samples are skipped, in whole
+        global micro-batches of data.batch_size × world."""
+        per_batch = self.cfg.data.batch_size * self.world
+        self._skip_batches = epoch_samples // per_batch
+        if epoch_samples % per_batch and self.rank == 0:
+            print(f"[fr_train] resume: {epoch_samples} samples into epoch {self.state.epoch} is not a whole number "
+                  f"of global batches of {per_batch}; skipping {self._skip_batches * per_batch} "
+                  f"({epoch_samples % per_batch} samples are seen again)", flush=True)
+
+    def _epoch_batches(self) -> Iterator[Any]:
+        """This epoch's batches; the first epoch after a resume without a reader state starts where
+        the checkpoint stopped (skipped batches are read and dropped: the data order stays exact)."""
+        skip, self._skip_batches = self._skip_batches, 0
+        it = iter(self.data)
+        for _ in range(skip):
+            if next(it, None) is None:
+                break
+        return it
 
     def _loss_scale(self) -> float:
         """DeepSpeed's current dynamic loss scale (fp16), 1.0 otherwise."""
@@ -410,7 +459,7 @@ class Trainer:
             self.engine.train()
             self.head.train()
             t_data = time.perf_counter()
-            for batch in self.data:
+            for batch in self._epoch_batches():
                 if not micro_losses:
                     times = StepTimes()
                     self.set_lr(self.schedule.lr(st.step))
@@ -424,6 +473,7 @@ class Trainer:
                 micro_losses = []
                 st.step += 1
                 st.samples_seen += self.global_batch
+                st.epoch_samples += self.global_batch
                 window_images += self.global_batch
                 self._observe(loss, times)
                 if st.step % cfg.run.log_every == 0 or st.step == self.total_steps:
@@ -435,13 +485,16 @@ class Trainer:
                     last_eval = self.evaluate()
                 stopping, save_due = self._agree(self.stop_requested, self.save_policy.due(st.step))
                 self.stop_requested = stopping
-                if save_due and not stopping:
+                if not stopping and self._preempted():
+                    self.save_checkpoint(sync=True)  # just in time: committed before Ray's deadline
+                elif save_due and not stopping:
                     self.save_checkpoint()
                 if st.step >= self.total_steps or stopping:
                     break
                 t_data = time.perf_counter()
             else:
                 st.epoch += 1
+                st.epoch_samples = 0
                 self.data.reset()
                 self.save_checkpoint()  # epoch ends are checkpoints too
         if progress is not None:
@@ -584,6 +637,18 @@ class Trainer:
         self.metrics.close(clean=True)
 
 
+def _ray_preemption_notice() -> str | None:
+    """Ray Train's drain notice (a node of the run is being reclaimed), as one line, or None."""
+    import ray.train
+
+    info = ray.train.get_preemption_info()
+    if info is None:
+        return None
+    deadline = "no deadline" if not info.deadline_ms else "deadline " + time.strftime(
+        "%Y-%m-%d %H:%M:%S UTC", time.gmtime(info.deadline_ms / 1000))  # absolute: the same notice stays equal
+    return f"node(s) {', '.join(n[:12] for n in info.preempted_node_ids)} (ranks {info.preempted_ranks}), {deadline}"
+
+
 def train_loop(loop_config: dict[str, Any]) -> None:
     """Ray Train entry point: runs on every worker with torch.distributed already initialised."""
     import ray.train
@@ -601,7 +666,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     import ray
 
     trainer = Trainer(cfg, rank, world, device, report=lambda m: ray.train.report(m),
-                      job_id=ray.get_runtime_context().get_job_id())
+                      job_id=ray.get_runtime_context().get_job_id(), preemption_notice=_ray_preemption_notice)
 
     def _on_sigterm(signum: int, frame: Any) -> None:  # preemption notice: finish the step, then stop
         trainer.stop_requested = True

@@ -53,7 +53,7 @@ EXPECTED = (
     "fr_train_checkpoint_write_duration_seconds_count", "fr_train_checkpoint_stall_duration_seconds_count",
     "fr_train_last_good_checkpoint_timestamp_seconds", "fr_train_checkpoints_total",
     "fr_train_checkpoint_interval_seconds", "fr_train_restarts_total", "fr_train_resumes_total",
-    "fr_train_start_time_seconds", "fr_train_world_size",
+    "fr_train_preemption_notices_total", "fr_train_start_time_seconds", "fr_train_world_size",
 )
 
 
