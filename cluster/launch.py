@@ -106,6 +106,8 @@ def launch(cfg: TrainConfig) -> int:
             storage_path=str(storage),
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
+            # SIGTERM to a worker: checkpoint the current step on every rank before Ray exits it.
+            worker_runtime_env={"worker_process_setup_hook": "fr_train.preemption.defer_sigterm"},
         ),
     )
     result = trainer.fit()

@@ -175,6 +175,28 @@ class CheckpointConfig:
     """Every N steps all ranks ask Ray Train whether a node of the run is being preempted (drained,
     e.g. a spot instance reclaim; a barrier over the workers). On a notice they checkpoint at once
     and train on until Ray restarts them from it. 0: never ask."""
+    sigterm_grace_s: float = 120.0
+    """A worker sent SIGTERM (a spot VM shutting down, `ray stop`) finishes its step and checkpoints;
+    it waits at most this long for that before exiting anyway (clouds give 30 s to 2 min)."""
+
+
+@dataclass
+class DistillConfig:
+    """Knowledge distillation from a frozen teacher (seed 002, EKD; fr_train/losses/distill.py)."""
+
+    teacher: str = ""
+    """A trained fr_train model: a finished run's directory or its final/ (backbone.safetensors +
+    model.json). Empty: no distillation. The teacher sees the same (augmented) images as the student."""
+    feature_weight: float = 0.0
+    """Weight of mean ‖x̂ − t̂‖² (student and teacher features; needs equal embedding sizes)."""
+    ekd_pos_weight: float = 0.0
+    """Weight of EKD's rank term on the positive pairs of the global batch (official: 0.02)."""
+    ekd_neg_weight: float = 0.0
+    """Weight of EKD's rank term on the hardest negative pairs (official: 0.01)."""
+    ekd_topk: int = 2000
+    ekd_temperature: float = 0.01
+    ekd_momentum: float = 0.01
+    """Moving-average rate of the FPR thresholds."""
 
 
 @dataclass
@@ -191,6 +213,7 @@ class TrainConfig:
     run: RunSettings = field(default_factory=RunSettings)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -236,6 +259,10 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "uss": ("USS (UniTSFace): CosFace + unified-threshold sample-to-sample loss after epoch 1",
             {"head.loss": "uss", "head.margin": "cosface", "head.s": 64.0, "head.m1": 1.0, "head.m2": 0.0,
              "head.m3": 0.4}),
+    "distill": ("EKD distillation (Huang et al. 2022): ArcFace + rank terms matching a teacher's verification "
+                "decisions; set distill.teacher=RUN/final",
+                {"head.margin": "arcface", "head.s": 64.0, "head.m1": 1.0, "head.m2": 0.5, "head.m3": 0.0,
+                 "distill.ekd_pos_weight": 0.02, "distill.ekd_neg_weight": 0.01}),
     "triplet": ("triplet loss with batch-hard mining over the global batch (FaceNet), margin 0.2",
                 {"head.loss": "triplet", "head.pair_margin": 0.2}),
     "contrastive": ("contrastive loss over all pairs of the global batch, negative margin 0.3",
@@ -447,9 +474,19 @@ def validate(cfg: TrainConfig) -> None:
     _check(cfg.run.grad_accum >= 1, "run.grad_accum", "must be >= 1")
     _check(cfg.run.log_every >= 1, "run.log_every", "must be >= 1")
     _check(cfg.checkpoint.preemption_poll_steps >= 0, "checkpoint.preemption_poll_steps", "must be >= 0")
+    _check(cfg.checkpoint.sigterm_grace_s > 0, "checkpoint.sigterm_grace_s", "must be > 0")
     _check(cfg.run.max_failures >= 0, "run.max_failures", "must be >= 0")
     _check(cfg.run.cpus_per_worker >= 1, "run.cpus_per_worker", "must be >= 1")
     _check(cfg.metrics.push_interval > 0, "metrics.push_interval", "must be > 0")
     _check(0 <= cfg.metrics.port < 65536, "metrics.port", "must be a port number (0: off)")
+    d = cfg.distill
+    distilling = d.feature_weight > 0 or d.ekd_pos_weight > 0 or d.ekd_neg_weight > 0
+    _check(min(d.feature_weight, d.ekd_pos_weight, d.ekd_neg_weight) >= 0, "distill.*_weight", "must be >= 0")
+    _check(bool(d.teacher) or not distilling, "distill.teacher",
+           "is required by the distillation weights: set it to a trained fr_train model (RUN/final)")
+    _check(distilling or not d.teacher, "distill.teacher",
+           "is set but every distillation weight is 0: set distill.ekd_pos_weight/ekd_neg_weight/feature_weight")
+    _check(d.ekd_topk >= 1 and d.ekd_temperature > 0 and 0 < d.ekd_momentum <= 1,
+           "distill.ekd_topk/ekd_temperature/ekd_momentum", "need topk >= 1, temperature > 0, momentum in (0, 1]")
     _check(cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps", "must be >= 0 (0: off)")
     _check(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")

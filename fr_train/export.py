@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import json
 import os
 import pickle
 import tempfile
@@ -16,7 +17,7 @@ import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -24,6 +25,7 @@ from torch import nn
 from fr_train.backbones import build_backbone
 
 SAFETENSORS_SUFFIX = ".safetensors"
+MODEL_JSON = "model.json"
 ONNX_INPUT_NAME = "input"
 ONNX_OUTPUT_NAME = "embedding"
 
@@ -143,6 +145,27 @@ def load_backbone(
         )
     model.load_state_dict(state, strict=True)
     return model
+
+
+def load_saved_model(path: str | os.PathLike[str]) -> tuple[nn.Module, dict[str, Any]]:
+    """A model fr_train saved at the end of a run: ``RUN/final`` (or ``RUN`` itself) holding
+    ``backbone.safetensors`` and ``model.json`` (backbone, embedding_size, image_size). Loaded strictly,
+    from safetensors (no pickle); returns the model in eval mode and model.json's facts."""
+    directory = Path(path)
+    if (directory / "final" / MODEL_JSON).is_file():
+        directory = directory / "final"
+    meta_path, weights = directory / MODEL_JSON, directory / "backbone.safetensors"
+    for needed in (meta_path, weights):
+        if not needed.is_file():
+            raise FileNotFoundError(f"{needed}: not found; pass a finished fr_train run's final/ directory "
+                                    "(it holds backbone.safetensors and model.json)")
+    info = json.loads(meta_path.read_text())
+    missing = [k for k in ("backbone", "embedding_size", "image_size") if k not in info]
+    if missing:
+        raise ValueError(f"{meta_path}: field(s) {missing} missing; it was not written by fr_train")
+    model = load_backbone(info["backbone"], weights, embedding_size=int(info["embedding_size"]),
+                          image_size=int(info["image_size"]))
+    return model.eval(), info
 
 
 # ----------------------------------------------------------------------------------------------- ONNX

@@ -36,6 +36,12 @@ from fr_train.heads import scale_backbone_grad
 from fr_train.schedule import PolySchedule, scaled_lr
 
 
+class StoppedEarly(RuntimeError):
+    """The run stopped before its last step on a SIGTERM, after checkpointing that step. Raised by the
+    Ray entry point so that Ray Train restarts the workers (FailureConfig) instead of counting a
+    finished run."""
+
+
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN/inf; raised on every rank together (the loss is the same everywhere)."""
 
@@ -94,7 +100,8 @@ def deepspeed_config(cfg: TrainConfig, precision: str) -> dict[str, Any]:
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
         "gradient_accumulation_steps": cfg.run.grad_accum,
         "gradient_clipping": cfg.optimizer.clip_grad_norm,
-        "zero_optimization": {"stage": cfg.run.zero_stage},
+        # elastic_checkpoint: ZeRO's per-rank optimizer slices re-partition for another world size.
+        "zero_optimization": {"stage": cfg.run.zero_stage, "elastic_checkpoint": cfg.run.zero_stage > 0},
         # Our SGD is a plain torch optimizer: DeepSpeed's ZeRO refuses it without this flag.
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
@@ -156,6 +163,7 @@ class Trainer:
         self.precision = resolve_precision(cfg, device)
         self.state = TrainState()
         self.stop_requested = False
+        self.external_stop: Callable[[], bool] = lambda: False  # e.g. a deferred SIGTERM (fr_train.preemption)
         self._skip_batches = 0
         # Asked on every rank at the same steps (Ray's query is a barrier); returns a description of
         # the notice, the same on all ranks, or None.
@@ -235,8 +243,31 @@ class Trainer:
             kind=cfg.optimizer.name, lr=base_lr, momentum=cfg.optimizer.momentum,
             weight_decay=cfg.optimizer.weight_decay,
         )
+        self.teacher, self.distill = self._build_distillation()
         self.data_dir = data_dir
         self.eval_sets = self._load_eval_sets(data_dir) if self.rank == 0 and cfg.eval.enabled else []
+
+    def _build_distillation(self) -> tuple[torch.nn.Module | None, torch.nn.Module | None]:
+        """The frozen teacher and the distillation loss when distill.teacher is set (else None, None)."""
+        d = self.cfg.distill
+        if not d.teacher:
+            return None, None
+        from fr_train.export import load_saved_model
+        from fr_train.losses import DistillLoss, DistillWeights
+
+        teacher, info = load_saved_model(d.teacher)
+        if int(info["image_size"]) != self.image_size[0]:
+            raise ValueError(f"distill.teacher {d.teacher}: trained on {info['image_size']}px images, this dataset "
+                             f"has {self.image_size[0]}px; distil on data of the teacher's input size")
+        teacher.requires_grad_(False)
+        if self.device.type == "cuda":
+            teacher = teacher.to(self.device, memory_format=torch.channels_last)
+        loss = DistillLoss(DistillWeights(feature=d.feature_weight, ekd_pos=d.ekd_pos_weight, ekd_neg=d.ekd_neg_weight,
+                                          ekd_topk=d.ekd_topk, ekd_temperature=d.ekd_temperature,
+                                          ekd_momentum=d.ekd_momentum)).to(self.device)
+        if self.rank == 0:
+            print(f"[fr_train] distilling from {d.teacher} ({info['backbone']}, {info['embedding_size']}-d)", flush=True)
+        return teacher, loss
 
     def _backbone_optimizer(self, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
         o = self.cfg.optimizer
@@ -265,7 +296,13 @@ class Trainer:
             images = images.contiguous(memory_format=torch.channels_last)
         embeddings = self.engine(images)
         # ×W on the backbone's gradient only: DeepSpeed averages it over ranks (module docstring).
-        loss = self.head(scale_backbone_grad(embeddings.float(), self.world), labels)
+        student = scale_backbone_grad(embeddings.float(), self.world)
+        loss = self.head(student, labels)
+        if self.teacher is not None and self.distill is not None:
+            with torch.no_grad():  # frozen, in eval mode: the same images, its own BatchNorm statistics
+                target = self.teacher(images.to(next(self.teacher.parameters()).dtype)).float()
+            # Global-batch mean with local gradients, like the head's loss: the same ×W contract.
+            loss = loss + self.distill(student, target, labels)
         self._sync()
         t1 = time.perf_counter()
         loss_value = float(loss.detach())
@@ -327,6 +364,11 @@ class Trainer:
     def _resume(self) -> None:
         """checkpoint.resume: auto (the newest valid checkpoint of this run, if any), never, or a path."""
         from fr_train.checkpointing import load_checkpoint, restore_rng
+        from fr_train.checkpointing.deepspeed_state import (
+            LAYOUT_REPLICATED,
+            load_optimizer_state,
+            optimizer_layout,
+        )
 
         mode = self.cfg.checkpoint.resume
         if mode == "never":
@@ -351,7 +393,16 @@ class Trainer:
         if shared is None:
             raise ValueError(f"{path}: has no backbone.pt; it is not a checkpoint of a training run")
         self.engine.module.load_state_dict(shared["backbone"])
-        self.engine.optimizer.load_state_dict(shared["optimizer"])
+        layout = optimizer_layout(self.engine)
+        saved_layout = ckpt.meta.get("backbone_optimizer_layout", LAYOUT_REPLICATED)
+        if saved_layout != layout:
+            raise ValueError(f"{path}: the backbone optimizer state was saved {saved_layout}, this run's is {layout}: "
+                             "resume with the run.zero_stage (0 vs 1/2) and run.precision the checkpoint was written with")
+        states = [shared["optimizer"]] if layout == LAYOUT_REPLICATED else [
+            ckpt.rank_payload(r, mmap=True)["backbone_optimizer"] for r in range(ckpt.world_size)]
+        load_optimizer_state(self.engine, states, str(path))
+        if self.distill is not None and shared.get("distill") is not None:
+            self.distill.load_state_dict(shared["distill"])  # the FPR thresholds
         self.head.load_state_dict(payload["head"])
         train = payload["train"]
         self.state.step, self.state.epoch, self.state.samples_seen = train["step"], train["epoch"], train["samples_seen"]
@@ -376,6 +427,11 @@ class Trainer:
         """Every rank writes its shard (head, data position, RNG); rank 0 adds the backbone and its
         optimizer. Asynchronous unless `sync`: the step waits only for the copy to host memory."""
         from fr_train.checkpointing import capture_rng
+        from fr_train.checkpointing.deepspeed_state import (
+            LAYOUT_PARTITIONED,
+            optimizer_layout,
+            portable_optimizer_state,
+        )
 
         st = self.state
         if st.step == self.last_saved_step:
@@ -385,11 +441,16 @@ class Trainer:
                              "epoch_samples": st.epoch_samples},
                    "head": self.head.state_dict(), "data": state_fn() if state_fn is not None else None,
                    "rng": capture_rng()}
+        # ZeRO 1/2: every rank saves its slice of the backbone optimizer; else rank 0 saves the whole.
+        partitioned = optimizer_layout(self.engine) == LAYOUT_PARTITIONED
+        payload["backbone_optimizer"] = portable_optimizer_state(self.engine) if partitioned else None
         shared = meta = None
         if self.rank == 0:
-            shared = {"backbone": self.engine.module.state_dict(), "optimizer": self.engine.optimizer.state_dict()}
+            shared = {"backbone": self.engine.module.state_dict(),
+                      "optimizer": None if partitioned else portable_optimizer_state(self.engine),
+                      "distill": None if self.distill is None else self.distill.state_dict()}
             meta = {"epoch": st.epoch, "samples_seen": st.samples_seen, "num_classes": self.num_classes,
-                    "config": self.cfg.to_dict()}
+                    "config": self.cfg.to_dict(), "backbone_optimizer_layout": optimizer_layout(self.engine)}
         t0 = time.perf_counter()
         save = self.ckpt.save if sync else self.ckpt.save_async
         save(st.step, payload, shared, meta, private_payload=True)
@@ -483,6 +544,10 @@ class Trainer:
                     self._emit(record, progress)
                 if cfg.eval.every_steps and st.step % cfg.eval.every_steps == 0 and st.step < self.total_steps:
                     last_eval = self.evaluate()
+                if self.external_stop() and not self.stop_requested:
+                    self.stop_requested = True
+                    print(f"[fr_train] rank {self.rank}: SIGTERM at step {st.step}: checkpointing this step on every "
+                          "rank, then stopping", flush=True)
                 stopping, save_due = self._agree(self.stop_requested, self.save_policy.due(st.step))
                 self.stop_requested = stopping
                 if not stopping and self._preempted():
@@ -536,7 +601,7 @@ class Trainer:
             "time": round(time.time(), 3),
             "step": self.state.step,
             "epoch": self.state.epoch,
-            "loss": round(loss, 6),
+            "loss": loss,  # full precision: resumed runs are compared bitwise
             "lr": self.schedule.lr(self.state.step - 1),
             "images_per_s": round(images_per_s, 2),
             "step_time_s": round(times.total, 4),
@@ -546,6 +611,11 @@ class Trainer:
             "optimizer_s": round(times.optimizer, 4),
             "samples_seen": self.state.samples_seen,
         }
+        bias = getattr(self.head, "unified_bias", None)  # BCE / USS: the learned unified threshold
+        if bias is not None:
+            rec["unified_threshold"] = round(float(bias.detach().sum()) / self.cfg.head.s, 6)  # on the cosine scale
+        if self.distill is not None:
+            rec.update({f"distill_{k}": round(v, 6) for k, v in self.distill.last_terms.items()})
         remaining = self.total_steps - self.state.step
         rec["eta_s"] = round(remaining * self.global_batch / max(images_per_s, 1e-9), 1)
         self.state.history.append(rec)
@@ -637,6 +707,21 @@ class Trainer:
         self.metrics.close(clean=True)
 
 
+def stop_on_sigterm(trainer: Trainer) -> Callable[[], None]:
+    """On the main thread: SIGTERM → the trainer finishes its step, checkpoints it on every rank and
+    stops. Returns the function that restores the previous handler. (Ray Train runs the loop in a
+    thread; there fr_train.preemption defers Ray's own handler instead.)"""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        trainer.stop_requested = True
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    return lambda: signal.signal(signal.SIGTERM, previous)
+
+
 def _ray_preemption_notice() -> str | None:
     """Ray Train's drain notice (a node of the run is being reclaimed), as one line, or None."""
     import ray.train
@@ -668,11 +753,15 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     trainer = Trainer(cfg, rank, world, device, report=lambda m: ray.train.report(m),
                       job_id=ray.get_runtime_context().get_job_id(), preemption_notice=_ray_preemption_notice)
 
-    def _on_sigterm(signum: int, frame: Any) -> None:  # preemption notice: finish the step, then stop
-        trainer.stop_requested = True
+    from fr_train.preemption import sigterm_requested, training_active
 
-    # Ray Train V2 runs this function in a worker thread, where Python cannot install signal
-    # handlers; preemption handling there belongs to the checkpoint work (issue 5).
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _on_sigterm)
-    trainer.fit()
+    trainer.external_stop = sigterm_requested  # SIGTERM, deferred by fr_train.preemption.defer_sigterm
+    uninstall = stop_on_sigterm(trainer)  # when this runs on the main thread (no Ray Train thread)
+    try:
+        with training_active(cfg.checkpoint.sigterm_grace_s):
+            st = trainer.fit()
+    finally:
+        uninstall()
+    if st.step < trainer.total_steps:
+        raise StoppedEarly(f"run {cfg.run.name} stopped at step {st.step} of {trainer.total_steps} on SIGTERM; its "
+                           "checkpoint is committed and the restarted workers resume from it")

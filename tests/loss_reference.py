@@ -211,3 +211,42 @@ def ref_epl(
             row.append(m.s * (cos - k * cos.detach()) if c == y else m.s * cos)
         losses.append(-torch.log_softmax(torch.stack(row), dim=0)[columns.index(y)])
     return 0.5 * (ce + torch.stack(losses).mean())
+
+
+def ref_distill(x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, weights: dict[str, float],
+                anchors: tuple[int, ...], state: dict[str, torch.Tensor | None]) -> torch.Tensor:
+    """Feature distillation + EKD over one batch, pair by pair (fr_train/losses/distill.py's formulas).
+    ``state`` holds the EMA thresholds ("student", "teacher"; None before the first batch) and is
+    updated as the loss does in training."""
+    f, g = F.normalize(x, dim=1), F.normalize(t.detach(), dim=1)
+    n = f.shape[0]
+    feature = sum(((f[i] - g[i]).square().sum() for i in range(n)), torch.zeros((), dtype=x.dtype)) / n
+    pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
+    pos = [(i, j) for i, j in pairs if labels[i] == labels[j]]
+    neg = [(i, j) for i, j in pairs if labels[i] != labels[j]]
+
+    def s(i: int, j: int) -> torch.Tensor:
+        return f[i] @ f[j]
+
+    def tt(i: int, j: int) -> float:
+        return float(g[i] @ g[j])
+
+    def at_fpr(values: list[float]) -> torch.Tensor:
+        ordered = sorted(values, reverse=True)
+        return torch.tensor([ordered[min(len(ordered) // a, len(ordered) - 1)] for a in anchors], dtype=torch.float64)
+
+    cur_s, cur_t = at_fpr([float(s(i, j)) for i, j in neg]), at_fpr([tt(i, j) for i, j in neg])
+    m = weights["momentum"] if state["student"] is not None else 1.0
+    state["student"] = cur_s if state["student"] is None else (1 - m) * state["student"] + m * cur_s
+    state["teacher"] = cur_t if state["teacher"] is None else (1 - m) * state["teacher"] + m * cur_t
+
+    def rank(c: torch.Tensor | float, tau: torch.Tensor) -> torch.Tensor:
+        return sum(torch.sigmoid((c - tau[a]) / weights["temperature"]) for a in range(len(anchors)))
+
+    def gap(i: int, j: int) -> torch.Tensor:
+        return (rank(s(i, j), state["student"]) - rank(tt(i, j), state["teacher"])).square()
+
+    hardest = sorted(neg, key=lambda p: float(s(*p)), reverse=True)[: int(weights["topk"])]
+    ekd_pos = sum((gap(i, j) for i, j in pos), torch.zeros((), dtype=x.dtype)) / max(len(pos), 1)
+    ekd_neg = sum((gap(i, j) for i, j in hardest), torch.zeros((), dtype=x.dtype)) / max(len(hardest), 1)
+    return weights["feature"] * feature + weights["ekd_pos"] * ekd_pos + weights["ekd_neg"] * ekd_neg

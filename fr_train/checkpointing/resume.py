@@ -3,7 +3,8 @@ version, and re-splitting per-rank payloads for another world size.
 
 Per-rank payload convention (what the Trainer passes to ``CheckpointManager.save_async``):
 ``{"train": {"step", "epoch", "samples_seen", ...}, "head": PartialFC.state_dict(),
-"data": iterator.state_dict() | None, "rng": capture_rng() | None}``. ``train`` holds GLOBAL facts
+"data": iterator.state_dict() | None, "rng": capture_rng() | None, "backbone_optimizer": this rank's
+ZeRO slice | None}`` (checkpointing/deepspeed_state.py). ``train`` holds GLOBAL facts
 (identical on every rank; ``samples_seen`` counts samples of all ranks), so it survives any world
 size. ``data`` (DALI's exact reader position) and ``rng`` (per-process streams) only mean something
 for the same rank of the same world size: a reshard drops them (None), and the Trainer then starts
@@ -28,7 +29,7 @@ COMPAT_FIELDS = ("backbone.name", "backbone.embedding_size", "head.margin", "hea
 """Config fields a checkpoint cannot be resumed across (besides the dataset's num_classes): they change
 the shapes or the meaning of the saved tensors."""
 
-RANK_PAYLOAD_KEYS = ("train", "head", "data", "rng")
+RANK_PAYLOAD_KEYS = ("train", "head", "data", "rng", "backbone_optimizer")
 TRAIN_KEYS = ("step", "epoch", "samples_seen")
 
 
@@ -123,5 +124,7 @@ def reshard_rank_payloads(payloads: list[dict[str, Any]], new_world: int) -> lis
             "head": None if heads is None else heads[r],
             "data": payloads[r].get("data") if same_world else None,
             "rng": payloads[r].get("rng") if same_world else None,
+            # ZeRO slices re-partition only all together (the Trainer reads every saved rank's)
+            "backbone_optimizer": payloads[r].get("backbone_optimizer") if same_world else None,
         })
     return out
