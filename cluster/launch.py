@@ -107,7 +107,7 @@ def launch(cfg: TrainConfig) -> int:
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
             # SIGTERM to a worker: checkpoint the current step on every rank before Ray exits it.
-            worker_runtime_env={"worker_process_setup_hook": "fr_train.preemption.defer_sigterm"},
+            worker_runtime_env=_sigterm_hook_env(),
         ),
     )
     result = trainer.fit()
@@ -116,6 +116,16 @@ def launch(cfg: TrainConfig) -> int:
         return 1
     print(summarize_run(storage / cfg.run.name), flush=True)
     return 0
+
+
+def _sigterm_hook_env() -> dict[str, object]:
+    """Runtime env of the Ray Train workers that runs fr_train.preemption.defer_sigterm in each worker
+    process before Ray's main loop. Ray Train's worker_runtime_env does not export a setup hook by
+    itself (only ray.init does), so the hook is exported the way ray.init does it."""
+    from ray._private.runtime_env.setup_hook import export_setup_func_module
+
+    hook = "fr_train.preemption.defer_sigterm"
+    return dict(export_setup_func_module({"worker_process_setup_hook": hook}, hook))
 
 
 def summarize_run(run_dir: Path) -> str:

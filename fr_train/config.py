@@ -50,6 +50,11 @@ class DataConfig:
     last_batch: Literal["drop"] = "drop"
     """Training drops each rank's incomplete last batch (a different random remainder each epoch):
     padded samples would be counted twice by the loss."""
+    sampler: Literal["shuffle", "pk"] = "shuffle"
+    """shuffle: DALI's reader with its shuffle window; pk: global batches of P identities × K images
+    (data.pk_images_per_identity), for the sample-to-sample losses (data_pipeline/pk_sampler.py)."""
+    pk_images_per_identity: int = 4
+    """K of the pk sampler; P = global batch / K."""
     cache_dir: str = "~/.cache/fr_train"
     """Where the synthetic default is built and cached."""
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
@@ -264,9 +269,9 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
                 {"head.margin": "arcface", "head.s": 64.0, "head.m1": 1.0, "head.m2": 0.5, "head.m3": 0.0,
                  "distill.ekd_pos_weight": 0.02, "distill.ekd_neg_weight": 0.01}),
     "triplet": ("triplet loss with batch-hard mining over the global batch (FaceNet), margin 0.2",
-                {"head.loss": "triplet", "head.pair_margin": 0.2}),
+                {"head.loss": "triplet", "head.pair_margin": 0.2, "data.sampler": "pk"}),
     "contrastive": ("contrastive loss over all pairs of the global batch, negative margin 0.3",
-                    {"head.loss": "contrastive", "head.pair_margin": 0.3}),
+                    {"head.loss": "contrastive", "head.pair_margin": 0.3, "data.sampler": "pk"}),
 }
 
 
@@ -433,6 +438,7 @@ def validate(cfg: TrainConfig) -> None:
     _check(0.0 <= cfg.backbone.dropout < 1.0, "backbone.dropout", "must be in [0, 1)")
     _check(cfg.data.batch_size > 0, "data.batch_size", "must be > 0")
     _check(cfg.data.num_threads > 0, "data.num_threads", "must be > 0")
+    _check(cfg.data.pk_images_per_identity >= 2, "data.pk_images_per_identity", "must be >= 2 (a positive pair)")
     _check(cfg.data.shuffle_buffer >= 0, "data.shuffle_buffer", "must be >= 0")
     _check(0.0 <= cfg.data.synthetic.difficulty <= 1.0, "data.synthetic.difficulty", "must be in [0, 1]")
     _check(cfg.data.synthetic.num_identities >= 2, "data.synthetic.num_identities", "must be >= 2")

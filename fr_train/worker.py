@@ -195,20 +195,24 @@ class Trainer:
         dataset = open_dataset(data_dir)
         self.num_classes = dataset.num_classes
         self.image_size = dataset.image_size
-        self.data: BatchSource = self._data_override if self._data_override is not None else DaliFaceIterator(
-            data_dir,
-            DaliConfig(
-                batch_size=cfg.data.batch_size,
-                last_batch=cfg.data.last_batch,
-                device="gpu" if self.device.type == "cuda" else "cpu",
-                device_id=self.device.index if self.device.type == "cuda" else None,
-                num_threads=cfg.data.num_threads,
-                seed=cfg.run.seed,
-                initial_fill=cfg.data.shuffle_buffer,
-            ),
-            rank=self.rank,
-            world_size=self.world,
+        dali = DaliConfig(
+            batch_size=cfg.data.batch_size,
+            last_batch=cfg.data.last_batch,
+            device="gpu" if self.device.type == "cuda" else "cpu",
+            device_id=self.device.index if self.device.type == "cuda" else None,
+            num_threads=cfg.data.num_threads,
+            seed=cfg.run.seed,
+            initial_fill=cfg.data.shuffle_buffer,
         )
+        if self._data_override is not None:
+            self.data: BatchSource = self._data_override
+        elif cfg.data.sampler == "pk":
+            from data_pipeline.pk_sampler import PKFaceIterator
+
+            self.data = PKFaceIterator(data_dir, dali, k=cfg.data.pk_images_per_identity, rank=self.rank,
+                                       world_size=self.world)
+        else:
+            self.data = DaliFaceIterator(data_dir, dali, rank=self.rank, world_size=self.world)
         self.steps_per_epoch = len(self.data) // cfg.run.grad_accum
         if self.steps_per_epoch == 0:
             raise ValueError(
@@ -568,6 +572,10 @@ class Trainer:
             # Preempted: checkpoint this step synchronously and leave; the resumed run finishes.
             self.save_checkpoint(sync=True)
             self.ckpt.close()
+            if self.world > 1 and dist.is_initialized():
+                # Rank 0 has committed once every rank is here: only now may a rank leave (under Ray,
+                # the first rank to leave makes Ray kill the others, rank 0 mid-commit included).
+                dist.barrier()
             self.metrics.close(clean=False)
             if self.rank == 0:
                 print(f"[fr_train] stopped at step {st.step} on request; checkpoint saved, resume with "

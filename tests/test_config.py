@@ -11,7 +11,7 @@ from fr_train.schedule import PolySchedule, scaled_lr
 
 def test_every_method_preset_builds_and_sets_the_head():
     for method in METHODS:
-        cfg = build_config("r18", method)
+        cfg = build_config("r18", method, overrides=["distill.teacher=runs/t/final"] if method == "distill" else [])
         assert cfg.method == method
     assert build_config("r18", "arcface").head.m2 == 0.5
     assert build_config("r18", "cosface").head.m3 == 0.4
@@ -44,6 +44,15 @@ def test_unknown_key_lists_the_valid_keys():
 def test_bad_values_name_the_field_and_the_range(override, message):
     with pytest.raises(ConfigError, match=message):
         build_config("r50", "arcface", overrides=[override])
+
+
+def test_distillation_needs_a_teacher_and_a_weight():
+    with pytest.raises(ConfigError, match=r"distill\.teacher: is required by the distillation weights"):
+        build_config("mbf", "distill")
+    with pytest.raises(ConfigError, match=r"distill\.teacher: is set but every distillation weight is 0"):
+        build_config("mbf", "arcface", overrides=["distill.teacher=runs/t/final"])
+    cfg = build_config("mbf", "distill", overrides=["distill.teacher=runs/t/final"])
+    assert (cfg.distill.ekd_pos_weight, cfg.distill.ekd_neg_weight, cfg.head.m2) == (0.02, 0.01, 0.5)
 
 
 def test_unknown_method_and_backbone_list_the_choices():
