@@ -157,6 +157,8 @@ class RunSettings:
     log_every: int = 10
     max_failures: int = 3
     cpus_per_worker: int = 1
+    export_onnx: bool = True
+    """Also write final/backbone.onnx (checked against torch by onnxruntime) at the end of the run."""
 
 
 @dataclass

@@ -46,6 +46,7 @@ def training_active(grace_s: float) -> Iterator[None]:
     finally:
         _active.clear()
         if _requested.is_set():  # checkpointed and stopped: now exit as SIGTERM asked (Ray's handler)
+            _requested.clear()
             _thread.interrupt_main(signal.SIGTERM)
 
 

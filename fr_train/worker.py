@@ -370,6 +370,7 @@ class Trainer:
         from fr_train.checkpointing import load_checkpoint, restore_rng
         from fr_train.checkpointing.deepspeed_state import (
             LAYOUT_REPLICATED,
+            load_consolidated_state,
             load_optimizer_state,
             optimizer_layout,
         )
@@ -402,9 +403,14 @@ class Trainer:
         if saved_layout != layout:
             raise ValueError(f"{path}: the backbone optimizer state was saved {saved_layout}, this run's is {layout}: "
                              "resume with the run.zero_stage (0 vs 1/2) and run.precision the checkpoint was written with")
-        states = [shared["optimizer"]] if layout == LAYOUT_REPLICATED else [
-            ckpt.rank_payload(r, mmap=True)["backbone_optimizer"] for r in range(ckpt.world_size)]
-        load_optimizer_state(self.engine, states, str(path))
+        if layout == LAYOUT_REPLICATED:
+            load_optimizer_state(self.engine, [shared["optimizer"]], str(path))
+        elif ckpt.world_size == self.world:  # this rank's own ZeRO slice: exact
+            load_optimizer_state(self.engine, [ckpt.rank_payload(r, mmap=True)["backbone_optimizer"]
+                                               for r in range(ckpt.world_size)], str(path))
+        else:  # another data-parallel size: scatter the consolidated state into this partitioning
+            scaler = ckpt.rank_payload(0, mmap=True)["backbone_optimizer"].get("loss_scaler")
+            load_consolidated_state(self.engine, shared["optimizer_consolidated"], scaler, str(path))
         if self.distill is not None and shared.get("distill") is not None:
             self.distill.load_state_dict(shared["distill"])  # the FPR thresholds
         self.head.load_state_dict(payload["head"])
@@ -433,6 +439,7 @@ class Trainer:
         from fr_train.checkpointing import capture_rng
         from fr_train.checkpointing.deepspeed_state import (
             LAYOUT_PARTITIONED,
+            consolidated_state,
             optimizer_layout,
             portable_optimizer_state,
         )
@@ -448,10 +455,12 @@ class Trainer:
         # ZeRO 1/2: every rank saves its slice of the backbone optimizer; else rank 0 saves the whole.
         partitioned = optimizer_layout(self.engine) == LAYOUT_PARTITIONED
         payload["backbone_optimizer"] = portable_optimizer_state(self.engine) if partitioned else None
+        consolidated = consolidated_state(self.engine)  # a collective under ZeRO (every rank), else None
         shared = meta = None
         if self.rank == 0:
             shared = {"backbone": self.engine.module.state_dict(),
                       "optimizer": None if partitioned else portable_optimizer_state(self.engine),
+                      "optimizer_consolidated": consolidated,  # for a resume on another world size
                       "distill": None if self.distill is None else self.distill.state_dict()}
             meta = {"epoch": st.epoch, "samples_seen": st.samples_seen, "num_classes": self.num_classes,
                     "config": self.cfg.to_dict(), "backbone_optimizer_layout": optimizer_layout(self.engine)}
@@ -704,7 +713,8 @@ class Trainer:
             (out / "model.json").write_text(json.dumps({
                 "backbone": self.cfg.backbone.name, "embedding_size": self.cfg.backbone.embedding_size,
                 "image_size": self.image_size[0], "steps": self.state.step}))
-            export_onnx(model.cpu(), out / "backbone.onnx", image_size=self.image_size[0])
+            if self.cfg.run.export_onnx:
+                export_onnx(model.cpu(), out / "backbone.onnx", image_size=self.image_size[0])
             summary = {"event": "end", "step": self.state.step, "eval": last_eval, "final_dir": str(out)}
             with self.log_path.open("a") as f:
                 f.write(json.dumps(summary) + "\n")

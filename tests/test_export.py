@@ -203,3 +203,23 @@ def test_malicious_pickle_is_refused_and_no_code_runs(writer: str, tmp_path: Pat
         with path.open("rb") as f:
             pickle.load(f)
     assert marker.read_text() == "pwned"
+
+
+def test_a_finished_runs_model_loads_from_its_run_or_final_directory(tmp_path: Path) -> None:
+    """What distillation reads as its teacher: RUN/final's safetensors + model.json, strictly."""
+    import json
+
+    from fr_train.export import load_saved_model
+
+    model = build_backbone("mbf", embedding_size=128, image_size=32).eval()
+    final = tmp_path / "run" / "final"
+    save_backbone(model, final / "backbone.safetensors")
+    (final / "model.json").write_text(json.dumps({"backbone": "mbf", "embedding_size": 128, "image_size": 32}))
+    x = torch.randn(2, 3, 32, 32)
+    for where in (tmp_path / "run", final):
+        loaded, info = load_saved_model(where)
+        assert info["embedding_size"] == 128 and not loaded.training
+        torch.testing.assert_close(loaded(x), model(x))
+    (final / "model.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"model\.json: not found; pass a finished fr_train run's final/"):
+        load_saved_model(final)

@@ -4,9 +4,10 @@ Two layouts, told apart by the live optimizer's ``load_state_dict`` signature:
 
 - replicated (ZeRO 0 in fp32 or fp16): one state, the same on every rank; rank 0 saves it.
 - partitioned (ZeRO 1/2, DeepSpeed's bf16 optimizer): each rank holds a slice of the fp32 master
-  weights and of the optimizer state; every rank saves its own, and loading hands ALL saved slices
-  to DeepSpeed's elastic loader (``zero_optimization.elastic_checkpoint``), which re-partitions them
-  for the current data-parallel size, so a run resumes on another number of GPUs.
+  weights and of the optimizer state. Every rank saves its own slice (an exact resume on the same
+  world size); rank 0 also saves the state consolidated per parameter (gathered with DeepSpeed's
+  ``safe_get_full_*``), which a run on another number of GPUs scatters into its own partitioning
+  (``safe_set_full_*``): DeepSpeed's legacy ZeRO loader refuses a new data-parallel size.
 
 DeepSpeed's state dicts carry the loss scaler as a Python object (and ZeRO's stage as an enum and
 parameter-slice maps of named tuples): saved as plain numbers and restored into the live objects.
@@ -17,6 +18,8 @@ from __future__ import annotations
 import enum
 import inspect
 from typing import Any
+
+import torch
 
 LAYOUT_REPLICATED = "replicated"
 LAYOUT_PARTITIONED = "partitioned"
@@ -35,8 +38,6 @@ def optimizer_layout(engine: Any) -> str:
 def _scaler_fields(scaler: Any) -> dict[str, Any]:
     """The loss scaler's state: its numeric attributes (current scale, iteration, last overflow,
     hysteresis), never the object."""
-    import torch
-
     return {k: v for k, v in vars(scaler).items()
             if isinstance(v, bool | int | float | type(None) | torch.Tensor)}
 
@@ -68,9 +69,58 @@ def _live_state(saved: dict[str, Any], optimizer: Any) -> dict[str, Any]:
         from deepspeed.runtime.zero.config import ZeroStageEnum
 
         state[_ZERO_STAGE] = ZeroStageEnum(state[_ZERO_STAGE])
+    if isinstance(state.get("base_optimizer_state"), list):
+        # ZeRO's elastic state records a param-group "step" only when the base optimizer keeps one
+        # (Adam), yet its loader requires the key: SGD has none to restore.
+        state.setdefault("base_optimizer_state_step", None)
     if hasattr(optimizer, "_param_slice_mappings"):
         state[_SLICE_MAPPINGS] = optimizer._param_slice_mappings
     return state
+
+
+def consolidated_state(engine: Any) -> dict[str, Any] | None:
+    """Per-parameter fp32 master weights and optimizer state of a partitioned optimizer, in the
+    order of ``engine.module.parameters()``; a collective (call on every rank). None on a
+    replicated optimizer. Rank-independent scalars of the base optimizer (Adam's step) ride along."""
+    if optimizer_layout(engine) != LAYOUT_PARTITIONED:
+        return None
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    base = engine.optimizer.optimizer
+    keys = sorted({k for st in base.state.values() for k, v in st.items() if torch.is_tensor(v) and v.dim() > 0})
+    scalars = {k: v for st in base.state.values() for k, v in st.items() if not (torch.is_tensor(v) and v.dim() > 0)}
+    params = [p for p in engine.module.parameters() if p.requires_grad]
+    return {"fp32": [safe_get_full_fp32_param(p).cpu() for p in params],
+            "state": {k: [safe_get_full_optimizer_state(p, k).cpu() for p in params] for k in keys},
+            "scalars": scalars}
+
+
+def load_consolidated_state(engine: Any, saved: dict[str, Any], scalers: dict[str, Any] | None, where: str) -> None:
+    """Scatter a :func:`consolidated_state` into this run's partitioning (any world size)."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    params = [p for p in engine.module.parameters() if p.requires_grad]
+    if len(saved["fp32"]) != len(params):
+        raise ValueError(f"{where}: {len(saved['fp32'])} saved backbone parameters, the model has {len(params)}")
+    base = engine.optimizer.optimizer
+    # A fresh optimizer has no state yet (SGD makes its momentum at the first step): create the
+    # partition buffers, then let DeepSpeed map each parameter's fragment onto them.
+    for group in base.param_groups:
+        for flat in group["params"]:
+            for key in saved["state"]:
+                base.state[flat].setdefault(key, torch.zeros_like(flat))
+    engine.optimizer._hp_optimizer_states_linked = False
+    engine.optimizer._lazy_init_hp_params_optimizer_state()
+    for i, p in enumerate(params):
+        safe_set_full_fp32_param(p, saved["fp32"][i].to(p.device))
+        for key, values in saved["state"].items():
+            safe_set_full_optimizer_state(p, values[i].to(p.device), key)
+    for st in base.state.values():
+        st.update({k: v.clone() if torch.is_tensor(v) else v for k, v in saved["scalars"].items()})
+    if scalers and hasattr(engine.optimizer, "loss_scaler"):
+        for key, value in scalers.items():
+            if hasattr(engine.optimizer.loss_scaler, key):
+                setattr(engine.optimizer.loss_scaler, key, value)
 
 
 def load_optimizer_state(engine: Any, states: list[dict[str, Any]], where: str) -> None:
