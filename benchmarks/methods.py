@@ -29,7 +29,8 @@ import torch.distributed as dist
 from fr_train.config import METHODS, build_config
 
 
-def _overrides(args: argparse.Namespace, seed: int, storage: Path, name: str) -> list[str]:
+def recipe(args: argparse.Namespace, seed: int, storage: Path, name: str) -> list[str]:
+    """The shared short-run recipe (also tests/test_method_learning.py's): everything but the method."""
     return [
         f"data.cache_dir={args.cache}", f"data.synthetic.image_size={args.image_size}",
         f"data.synthetic.num_identities={args.identities}", "data.synthetic.images_per_identity=16",
@@ -40,7 +41,7 @@ def _overrides(args: argparse.Namespace, seed: int, storage: Path, name: str) ->
         f"schedule.max_steps={args.steps}", f"schedule.warmup_steps={args.steps // 10}",
         f"optimizer.lr={args.lr}", f"optimizer.base_batch={args.batch}",
         "eval.every_steps=0", f"run.log_every={args.steps}",
-        f"head.vpl_start_iter={args.steps // 4}", "head.vpl_delta_t=16",
+        f"head.vpl_start_iter={args.steps // 4}", "head.vpl_delta_t=16", "run.export_onnx=false",
     ]
 
 
@@ -51,7 +52,7 @@ def run_one(method: str, seed: int, args: argparse.Namespace, storage: Path, bac
 
     extra = [f"distill.teacher={args.teacher}"] if method == "distill" else []
     cfg = build_config(backbone or args.backbone, method,
-                       overrides=_overrides(args, seed, storage, name or f"{method}-s{seed}") + extra)
+                       overrides=recipe(args, seed, storage, name or f"{method}-s{seed}") + extra)
     cfg.data.path = str(prepare_data(cfg))
     t0 = time.perf_counter()
     trainer = Trainer(cfg, 0, 1, torch.device("cpu"))

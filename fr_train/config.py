@@ -270,9 +270,9 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
                 "decisions; set distill.teacher=RUN/final",
                 {"head.margin": "arcface", "head.s": 64.0, "head.m1": 1.0, "head.m2": 0.5, "head.m3": 0.0,
                  "distill.ekd_pos_weight": 0.02, "distill.ekd_neg_weight": 0.01}),
-    "triplet": ("triplet loss with batch-hard mining over the global batch (FaceNet), margin 0.2",
+    "triplet": ("triplet loss with batch-hard mining over the global batch (FaceNet), margin 0.2, P×K batches",
                 {"head.loss": "triplet", "head.pair_margin": 0.2, "data.sampler": "pk"}),
-    "contrastive": ("contrastive loss over all pairs of the global batch, negative margin 0.3",
+    "contrastive": ("contrastive loss over all pairs of the global batch, negative margin 0.3, P×K batches",
                     {"head.loss": "contrastive", "head.pair_margin": 0.3, "data.sampler": "pk"}),
 }
 
