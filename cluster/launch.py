@@ -105,7 +105,9 @@ def launch(cfg: TrainConfig) -> int:
             name=cfg.run.name,
             storage_path=str(storage),
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
+            # fr_train prunes its own checkpoints (checkpoint.keep, never a newer than the one resumed
+            # from); Ray only records the ones reported.
+            checkpoint_config=CheckpointConfig(num_to_keep=None),
             # SIGTERM to a worker: checkpoint the current step on every rank before Ray exits it.
             worker_runtime_env=_sigterm_hook_env(),
         ),
@@ -115,6 +117,8 @@ def launch(cfg: TrainConfig) -> int:
         print(f"[fr_train] run {cfg.run.name} FAILED: {result.error}", flush=True)
         return 1
     print(summarize_run(storage / cfg.run.name), flush=True)
+    if result.checkpoint is not None:
+        print(f"[fr_train] Ray Train's latest checkpoint: {result.checkpoint.path}", flush=True)
     return 0
 
 

@@ -152,14 +152,16 @@ class Trainer:
         rank: int,
         world: int,
         device: torch.device,
-        report: Callable[[dict[str, Any]], None] | None = None,
+        report: Callable[[dict[str, Any], Path | None], None] | None = None,
         data: BatchSource | None = None,
         job_id: str = "local",
         preemption_notice: Callable[[], str | None] | None = None,
     ) -> None:
         self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
         self._data_override = data
-        self.report = report or (lambda metrics: None)
+        # report(metrics, newly committed checkpoint directory or None), on every rank at the same steps
+        self.report = report or (lambda metrics, checkpoint: None)
+        self._reported_step = -1
         self.precision = resolve_precision(cfg, device)
         self.state = TrainState()
         self.stop_requested = False
@@ -489,6 +491,19 @@ class Trainer:
                   "training goes on until the node is reclaimed", flush=True)
         return True
 
+    def _checkpoint_to_report(self) -> Path | None:
+        """On rank 0, the newest checkpoint once it is committed (its manifest is in place), once."""
+        from fr_train.checkpointing.files import MANIFEST
+        from fr_train.checkpointing.manager import step_dir_name
+
+        if self.rank != 0 or self.last_saved_step in (-1, self._reported_step):
+            return None
+        path = self.ckpt.root / step_dir_name(self.last_saved_step)
+        if not (path / MANIFEST).is_file():
+            return None  # still being written in the background: the next report carries it
+        self._reported_step = self.last_saved_step
+        return path
+
     def _skip_to(self, epoch_samples: int) -> None:
         """Resume without the reader's own state (another world size, or a source that has none):
         the epoch restarts and its first ``epoch_samples`` global samples are skipped, in whole
@@ -650,7 +665,7 @@ class Trainer:
                 progress.update(record["step"] - progress.n)
                 progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.3g}",
                                      ips=f"{record['images_per_s']:.0f}")
-        self.report({k: v for k, v in record.items() if isinstance(v, int | float)})
+        self.report({k: v for k, v in record.items() if isinstance(v, int | float)}, self._checkpoint_to_report())
 
     def _progress_bar(self) -> Any:
         if self.rank != 0:
@@ -721,7 +736,7 @@ class Trainer:
             print(f"[fr_train] done: {self.state.step} steps; model in {out}", flush=True)
         flat = {f"eval/{name}/{k}": v for name, r in last_eval.items() for k, v in r.items()
                 if isinstance(v, int | float)}
-        self.report({"step": self.state.step, "done": 1, **flat})
+        self.report({"step": self.state.step, "done": 1, **flat}, self._checkpoint_to_report())
         self.metrics.close(clean=True)
 
 
@@ -767,8 +782,15 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         torch.set_num_threads(max(1, cfg.run.cpus_per_worker))
     os.environ.setdefault("LOCAL_RANK", str(ctx.get_local_rank()))
     import ray
+    from ray.train import Checkpoint, CheckpointUploadMode
 
-    trainer = Trainer(cfg, rank, world, device, report=lambda m: ray.train.report(m),
+    def report(metrics: dict[str, Any], checkpoint: Path | None) -> None:
+        # The checkpoint is already committed under the run's storage path: Ray records it
+        # (Result.checkpoint, the run's checkpoint list) without copying it.
+        ray.train.report(metrics, checkpoint=None if checkpoint is None else Checkpoint(str(checkpoint)),
+                         checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
+
+    trainer = Trainer(cfg, rank, world, device, report=report,
                       job_id=ray.get_runtime_context().get_job_id(), preemption_notice=_ray_preemption_notice)
 
     from fr_train.preemption import sigterm_requested, training_active
