@@ -100,8 +100,7 @@ def deepspeed_config(cfg: TrainConfig, precision: str) -> dict[str, Any]:
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
         "gradient_accumulation_steps": cfg.run.grad_accum,
         "gradient_clipping": cfg.optimizer.clip_grad_norm,
-        # elastic_checkpoint: ZeRO's per-rank optimizer slices re-partition for another world size.
-        "zero_optimization": {"stage": cfg.run.zero_stage, "elastic_checkpoint": cfg.run.zero_stage > 0},
+        "zero_optimization": {"stage": cfg.run.zero_stage},
         # Our SGD is a plain torch optimizer: DeepSpeed's ZeRO refuses it without this flag.
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
@@ -406,13 +405,11 @@ class Trainer:
             raise ValueError(f"{path}: the backbone optimizer state was saved {saved_layout}, this run's is {layout}: "
                              "resume with the run.zero_stage (0 vs 1/2) and run.precision the checkpoint was written with")
         if layout == LAYOUT_REPLICATED:
-            load_optimizer_state(self.engine, [shared["optimizer"]], str(path))
+            load_optimizer_state(self.engine, shared["optimizer"])
         elif ckpt.world_size == self.world:  # this rank's own ZeRO slice: exact
-            load_optimizer_state(self.engine, [ckpt.rank_payload(r, mmap=True)["backbone_optimizer"]
-                                               for r in range(ckpt.world_size)], str(path))
+            load_optimizer_state(self.engine, payload["backbone_optimizer"])
         else:  # another data-parallel size: scatter the consolidated state into this partitioning
-            scaler = ckpt.rank_payload(0, mmap=True)["backbone_optimizer"].get("loss_scaler")
-            load_consolidated_state(self.engine, shared["optimizer_consolidated"], scaler, str(path))
+            load_consolidated_state(self.engine, shared["optimizer_consolidated"], str(path))
         if self.distill is not None and shared.get("distill") is not None:
             self.distill.load_state_dict(shared["distill"])  # the FPR thresholds
         self.head.load_state_dict(payload["head"])
@@ -455,7 +452,8 @@ class Trainer:
                    "head": self.head.state_dict(), "data": state_fn() if state_fn is not None else None,
                    "rng": capture_rng()}
         # ZeRO 1/2: every rank saves its slice of the backbone optimizer; else rank 0 saves the whole.
-        partitioned = optimizer_layout(self.engine) == LAYOUT_PARTITIONED
+        layout = optimizer_layout(self.engine)
+        partitioned = layout == LAYOUT_PARTITIONED
         payload["backbone_optimizer"] = portable_optimizer_state(self.engine) if partitioned else None
         consolidated = consolidated_state(self.engine)  # a collective under ZeRO (every rank), else None
         shared = meta = None
@@ -465,7 +463,7 @@ class Trainer:
                       "optimizer_consolidated": consolidated,  # for a resume on another world size
                       "distill": None if self.distill is None else self.distill.state_dict()}
             meta = {"epoch": st.epoch, "samples_seen": st.samples_seen, "num_classes": self.num_classes,
-                    "config": self.cfg.to_dict(), "backbone_optimizer_layout": optimizer_layout(self.engine)}
+                    "config": self.cfg.to_dict(), "backbone_optimizer_layout": layout}
         t0 = time.perf_counter()
         save = self.ckpt.save if sync else self.ckpt.save_async
         save(st.step, payload, shared, meta, private_payload=True)

@@ -216,17 +216,11 @@ def _resumed_losses(rank: int, world: int, cfg_dict: dict, images: torch.Tensor,
     """Steps of a run on `world` ranks fed identical global batches (any world size), optionally
     resumed from `resume`; BatchNorm on running statistics (see tests/test_train_e2e.py)."""
     from fr_train.config import TrainConfig
-    from fr_train.worker import Trainer
-    from tests.test_train_e2e import _SameGlobalBatches
+    from tests.test_train_e2e import fit_on_same_global_batches
 
     cfg = TrainConfig.from_dict(cfg_dict)
     cfg.run.name, cfg.checkpoint.resume = name, resume
-    cfg.data.batch_size = global_batch // world
-    data = _SameGlobalBatches(images, labels, cfg.schedule.max_steps, global_batch, rank, world)
-    trainer = Trainer(cfg, rank, world, torch.device("cpu"), data=data)
-    trainer.engine.module.eval()
-    trainer.engine.train = lambda mode=True: None
-    trainer.fit()
+    trainer = fit_on_same_global_batches(cfg, rank, world, images, labels, cfg.schedule.max_steps, global_batch)
     return [(h["step"], h["loss"]) for h in trainer.state.history]
 
 

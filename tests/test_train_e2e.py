@@ -12,6 +12,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -168,13 +169,11 @@ def _real_images(data_dir: Path, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(np.stack(imgs)), torch.tensor(labels, dtype=torch.int64)
 
 
-def _train_losses(rank: int, world: int, cfg_dict: dict, images: torch.Tensor, labels: torch.Tensor,
-                  steps: int, global_batch: int) -> list[float]:
-    from fr_train.config import TrainConfig
+def fit_on_same_global_batches(cfg: Any, rank: int, world: int, images: torch.Tensor, labels: torch.Tensor,
+                               steps: int, global_batch: int) -> Any:
+    """A finished Trainer of `steps` steps fed the same global batches at any world size."""
     from fr_train.worker import Trainer
 
-    cfg = TrainConfig.from_dict(cfg_dict)
-    cfg.run.name = f"{cfg.run.name}-w{world}"
     cfg.data.batch_size = global_batch // world
     data = _SameGlobalBatches(images, labels, steps, global_batch, rank, world)
     trainer = Trainer(cfg, rank, world, torch.device("cpu"), data=data)
@@ -184,6 +183,16 @@ def _train_losses(rank: int, world: int, cfg_dict: dict, images: torch.Tensor, l
     trainer.engine.module.eval()
     trainer.engine.train = lambda mode=True: None
     trainer.fit()
+    return trainer
+
+
+def _train_losses(rank: int, world: int, cfg_dict: dict, images: torch.Tensor, labels: torch.Tensor,
+                  steps: int, global_batch: int) -> list[float]:
+    from fr_train.config import TrainConfig
+
+    cfg = TrainConfig.from_dict(cfg_dict)
+    cfg.run.name = f"{cfg.run.name}-w{world}"
+    trainer = fit_on_same_global_batches(cfg, rank, world, images, labels, steps, global_batch)
     return [h["loss"] for h in trainer.state.history]
 
 

@@ -57,22 +57,23 @@ def portable_optimizer_state(engine: Any) -> dict[str, Any]:
     return out
 
 
+def _restore_scaler(optimizer: Any, fields: dict[str, Any] | None) -> None:
+    """Write saved :func:`_scaler_fields` back into the live loss scaler (fp16), if both exist."""
+    scaler = getattr(optimizer, "loss_scaler", None)
+    for key, value in (fields or {}).items():
+        if scaler is not None and hasattr(scaler, key):
+            setattr(scaler, key, value)
+
+
 def _live_state(saved: dict[str, Any], optimizer: Any) -> dict[str, Any]:
     state = dict(saved)
     if _SCALER in state:
-        scaler = optimizer.loss_scaler
-        for key, value in state[_SCALER].items():
-            if hasattr(scaler, key):
-                setattr(scaler, key, value)
-        state[_SCALER] = scaler
+        _restore_scaler(optimizer, state[_SCALER])
+        state[_SCALER] = optimizer.loss_scaler
     if _ZERO_STAGE in state:
         from deepspeed.runtime.zero.config import ZeroStageEnum
 
         state[_ZERO_STAGE] = ZeroStageEnum(state[_ZERO_STAGE])
-    if isinstance(state.get("base_optimizer_state"), list):
-        # ZeRO's elastic state records a param-group "step" only when the base optimizer keeps one
-        # (Adam), yet its loader requires the key: SGD has none to restore.
-        state.setdefault("base_optimizer_state_step", None)
     if hasattr(optimizer, "_param_slice_mappings"):
         state[_SLICE_MAPPINGS] = optimizer._param_slice_mappings
     return state
@@ -81,7 +82,8 @@ def _live_state(saved: dict[str, Any], optimizer: Any) -> dict[str, Any]:
 def consolidated_state(engine: Any) -> dict[str, Any] | None:
     """Per-parameter fp32 master weights and optimizer state of a partitioned optimizer, in the
     order of ``engine.module.parameters()``; a collective (call on every rank). None on a
-    replicated optimizer. Rank-independent scalars of the base optimizer (Adam's step) ride along."""
+    replicated optimizer. Rank-independent scalars of the base optimizer (Adam's step) and the loss
+    scaler's state ride along."""
     if optimizer_layout(engine) != LAYOUT_PARTITIONED:
         return None
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
@@ -92,10 +94,11 @@ def consolidated_state(engine: Any) -> dict[str, Any] | None:
     params = [p for p in engine.module.parameters() if p.requires_grad]
     return {"fp32": [safe_get_full_fp32_param(p).cpu() for p in params],
             "state": {k: [safe_get_full_optimizer_state(p, k).cpu() for p in params] for k in keys},
-            "scalars": scalars}
+            "scalars": scalars,
+            _SCALER: _scaler_fields(engine.optimizer.loss_scaler) if hasattr(engine.optimizer, "loss_scaler") else None}
 
 
-def load_consolidated_state(engine: Any, saved: dict[str, Any], scalers: dict[str, Any] | None, where: str) -> None:
+def load_consolidated_state(engine: Any, saved: dict[str, Any], where: str) -> None:
     """Scatter a :func:`consolidated_state` into this run's partitioning (any world size)."""
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
@@ -117,20 +120,18 @@ def load_consolidated_state(engine: Any, saved: dict[str, Any], scalers: dict[st
             safe_set_full_optimizer_state(p, values[i].to(p.device), key)
     for st in base.state.values():
         st.update({k: v.clone() if torch.is_tensor(v) else v for k, v in saved["scalars"].items()})
-    if scalers and hasattr(engine.optimizer, "loss_scaler"):
-        for key, value in scalers.items():
-            if hasattr(engine.optimizer.loss_scaler, key):
-                setattr(engine.optimizer.loss_scaler, key, value)
+    _restore_scaler(engine.optimizer, saved.get(_SCALER))
 
 
-def load_optimizer_state(engine: Any, states: list[dict[str, Any]], where: str) -> None:
-    """Load saved states into ``engine.optimizer``: one state (replicated), or every saved rank's
-    slice in rank order (partitioned; any number of saved ranks)."""
+def load_optimizer_state(engine: Any, state: dict[str, Any]) -> None:
+    """Load a :func:`portable_optimizer_state` of the same layout and world size: the whole state
+    (replicated), or this rank's own slice (partitioned)."""
     optimizer = engine.optimizer
-    live = [_live_state(s, optimizer) for s in states]
+    live = _live_state(state, optimizer)
     if optimizer_layout(engine) == LAYOUT_PARTITIONED:
-        optimizer.load_state_dict(live, load_optimizer_states=True, load_from_fp32_weights=True)
+        # DeepSpeed's ZeRO loader takes every rank's state but, for a non-elastic checkpoint of the
+        # same data-parallel size, reads only this rank's entry: each rank hands in its own.
+        optimizer.load_state_dict([live] * engine.dp_world_size, load_optimizer_states=True,
+                                  load_from_fp32_weights=True)
     else:
-        if len(live) != 1:
-            raise ValueError(f"{where}: {len(live)} backbone optimizer states for a replicated optimizer")
-        optimizer.load_state_dict(live[0])
+        optimizer.load_state_dict(live)

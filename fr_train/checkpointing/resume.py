@@ -124,7 +124,7 @@ def reshard_rank_payloads(payloads: list[dict[str, Any]], new_world: int) -> lis
             "head": None if heads is None else heads[r],
             "data": payloads[r].get("data") if same_world else None,
             "rng": payloads[r].get("rng") if same_world else None,
-            # ZeRO slices re-partition only all together (the Trainer reads every saved rank's)
+            # a ZeRO slice fits only its own rank of the same world (another uses the consolidated state)
             "backbone_optimizer": payloads[r].get("backbone_optimizer") if same_world else None,
         })
     return out
