@@ -150,7 +150,10 @@ class RunSettings:
     """Ray Train workers (one per GPU); 0: all GPUs of the cluster, or 2 CPU workers without GPUs."""
     use_gpu: Literal["auto", "yes", "no"] = "auto"
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    """auto: bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU."""
+    """auto: bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU. bf16 also runs on CPU (slowly:
+    the tests run the GPU's configuration so); fp16 needs CUDA. Resolved in fr_train/train/engine.py."""
+    channels_last: Literal["auto", "true", "false"] = "auto"
+    """Activations in channels_last (NHWC) memory format; auto: on CUDA. Allowed on CPU (tests)."""
     zero_stage: int = 0
     grad_accum: int = 1
     seed: int = 0

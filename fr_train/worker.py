@@ -34,6 +34,7 @@ import torch.distributed as dist
 from fr_train.config import TrainConfig
 from fr_train.heads import scale_backbone_grad
 from fr_train.schedule import PolySchedule, scaled_lr
+from fr_train.train import engine as eng
 
 
 class StoppedEarly(RuntimeError):
@@ -79,38 +80,10 @@ class TrainState:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def resolve_precision(cfg: TrainConfig, device: torch.device) -> str:
-    if cfg.run.precision != "auto":
-        if device.type == "cpu" and cfg.run.precision != "fp32":
-            raise ValueError(f"run.precision={cfg.run.precision} needs a GPU; use fp32 (or auto) on CPU")
-        return cfg.run.precision
-    if device.type != "cuda":
-        return "fp32"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
-
-
-def deepspeed_config(cfg: TrainConfig, precision: str) -> dict[str, Any]:
-    ds: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
-        "gradient_accumulation_steps": cfg.run.grad_accum,
-        "gradient_clipping": cfg.optimizer.clip_grad_norm,
-        "zero_optimization": {"stage": cfg.run.zero_stage},
-        # Our SGD is a plain torch optimizer: DeepSpeed's ZeRO refuses it without this flag.
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
-    if precision == "bf16":
-        ds["bf16"] = {"enabled": True}
-    elif precision == "fp16":
-        ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
-    return ds
 
 
 def build_head(cfg: TrainConfig, num_classes: int, device: torch.device, forwards_per_epoch: int) -> torch.nn.Module:
@@ -161,7 +134,9 @@ class Trainer:
         # report(metrics, newly committed checkpoint directory or None), on every rank at the same steps
         self.report = report or (lambda metrics, checkpoint: None)
         self._reported_step = -1
-        self.precision = resolve_precision(cfg, device)
+        # Precision, memory format and input dtype: decided once, the same way on every device.
+        self.format = eng.resolve_format(cfg.run.precision, cfg.run.channels_last, eng.DeviceFacts.of(device))
+        self.precision = self.format.precision
         self.state = TrainState()
         self.stop_requested = False
         self.external_stop: Callable[[], bool] = lambda: False  # e.g. a deferred SIGTERM (fr_train.preemption)
@@ -184,8 +159,6 @@ class Trainer:
 
     # ------------------------------------------------------------------ construction
     def _build(self) -> None:
-        import deepspeed
-
         from data_pipeline.dali import DaliConfig, DaliFaceIterator
         from data_pipeline.dataset import open_dataset
         from fr_train.backbones import build_backbone
@@ -194,13 +167,15 @@ class Trainer:
         cfg = self.cfg
         data_dir = Path(cfg.data.path or "")
         dataset = open_dataset(data_dir)
+        decode_on_gpu = self.device.type == "cuda"  # DALI `mixed` decoding where there is a GPU
         self.num_classes = dataset.num_classes
         self.image_size = dataset.image_size
         dali = DaliConfig(
             batch_size=cfg.data.batch_size,
             last_batch=cfg.data.last_batch,
-            device="gpu" if self.device.type == "cuda" else "cpu",
-            device_id=self.device.index if self.device.type == "cuda" else None,
+            device="gpu" if decode_on_gpu else "cpu",
+            device_id=self.device.index if decode_on_gpu else None,
+            dtype=self.format.loader_dtype(decode_on_gpu),
             num_threads=cfg.data.num_threads,
             seed=cfg.run.seed,
             initial_fill=cfg.data.shuffle_buffer,
@@ -235,13 +210,11 @@ class Trainer:
         backbone = build_backbone(cfg.backbone.name, embedding_size=cfg.backbone.embedding_size,
                                   dropout=cfg.backbone.dropout, image_size=self.image_size[0])
         self.backbone_flops = count_flops(backbone, (1, 3, *self.image_size))
-        if self.device.type == "cuda":
-            backbone = backbone.to(self.device, memory_format=torch.channels_last)
-        opt = self._backbone_optimizer(backbone, base_lr)
-        self.engine, _, _, _ = deepspeed.initialize(
-            model=backbone, optimizer=opt, config=deepspeed_config(cfg, self.precision),
-            dist_init_required=False,
-        )
+        o = cfg.optimizer
+        opt = eng.backbone_optimizer(backbone.parameters(), o.name, base_lr, o.momentum, o.weight_decay)
+        ds_config = eng.deepspeed_config(self.format, micro_batch=cfg.data.batch_size, grad_accum=cfg.run.grad_accum,
+                                         clip_grad_norm=o.clip_grad_norm, zero_stage=cfg.run.zero_stage)
+        self.engine = eng.build_engine(backbone, opt, ds_config, self.device)
         self.head = build_head(cfg, self.num_classes, self.device, self.steps_per_epoch * cfg.run.grad_accum)
         # Heads without prototypes (triplet, contrastive) have nothing to optimise.
         self.head_optimizer = None if next(self.head.parameters(), None) is None else self.head.make_optimizer(
@@ -264,22 +237,13 @@ class Trainer:
         if int(info["image_size"]) != self.image_size[0]:
             raise ValueError(f"distill.teacher {d.teacher}: trained on {info['image_size']}px images, this dataset "
                              f"has {self.image_size[0]}px; distil on data of the teacher's input size")
-        teacher.requires_grad_(False)
-        if self.device.type == "cuda":
-            teacher = teacher.to(self.device, memory_format=torch.channels_last)
+        teacher = self.format.frozen_module(teacher.requires_grad_(False), self.device)
         loss = DistillLoss(DistillWeights(feature=d.feature_weight, ekd_pos=d.ekd_pos_weight, ekd_neg=d.ekd_neg_weight,
                                           ekd_topk=d.ekd_topk, ekd_temperature=d.ekd_temperature,
                                           ekd_momentum=d.ekd_momentum)).to(self.device)
         if self.rank == 0:
             print(f"[fr_train] distilling from {d.teacher} ({info['backbone']}, {info['embedding_size']}-d)", flush=True)
         return teacher, loss
-
-    def _backbone_optimizer(self, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
-        o = self.cfg.optimizer
-        params = [p for p in model.parameters() if p.requires_grad]
-        if o.name == "sgd":
-            return torch.optim.SGD(params, lr=lr, momentum=o.momentum, weight_decay=o.weight_decay)
-        return torch.optim.AdamW(params, lr=lr, weight_decay=o.weight_decay)
 
     def _load_eval_sets(self, data_dir: Path) -> list[Any]:
         from fr_train.evaluation.runner import find_eval_sets, load_verification_set
@@ -297,15 +261,14 @@ class Trainer:
         """One micro-batch: forward, backward, and — at a gradient-accumulation boundary — the
         optimizer steps of the backbone (DeepSpeed) and the head. Times are added to `times`."""
         t0 = time.perf_counter()
-        if self.device.type == "cuda":
-            images = images.contiguous(memory_format=torch.channels_last)
+        images = self.format.batch(images, self.device)  # the engine's dtype and memory format, on the device
         embeddings = self.engine(images)
         # ×W on the backbone's gradient only: DeepSpeed averages it over ranks (module docstring).
         student = scale_backbone_grad(embeddings.float(), self.world)
         loss = self.head(student, labels)
         if self.teacher is not None and self.distill is not None:
             with torch.no_grad():  # frozen, in eval mode: the same images, its own BatchNorm statistics
-                target = self.teacher(images.to(next(self.teacher.parameters()).dtype)).float()
+                target = self.teacher(images).float()
             # Global-batch mean with local gradients, like the head's loss: the same ×W contract.
             loss = loss + self.distill(student, target, labels)
         self._sync()
@@ -319,7 +282,7 @@ class Trainer:
                 f"{self.cfg.run.name}: lower optimizer.lr (now {self.schedule.base_lr:g} after scaling), "
                 "add warmup (schedule.warmup_steps) or check the data; the last checkpoint is intact"
             )
-        loss_scale = self._loss_scale()
+        loss_scale = eng.loss_scale(self.engine, self.format)
         # DeepSpeed divides by grad_accum here, for the head's gradients too: they accumulate as
         # the mean over micro-batches, like the backbone's.
         self.engine.backward(loss)
@@ -523,15 +486,8 @@ class Trainer:
                 break
         return it
 
-    def _loss_scale(self) -> float:
-        """DeepSpeed's current dynamic loss scale (fp16), 1.0 otherwise."""
-        if self.precision != "fp16":
-            return 1.0
-        return float(getattr(self.engine.optimizer, "cur_scale", getattr(self.engine.optimizer, "loss_scale", 1.0)))
-
     def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        eng.synchronize(self.device)
 
     def fit(self) -> TrainState:
         cfg, st = self.cfg, self.state
@@ -620,7 +576,7 @@ class Trainer:
             samples_seen=self.state.samples_seen, data_s=times.data, forward_s=times.forward,
             backward_s=times.backward, optimizer_s=times.optimizer, step_s=step_s,
             grad_norm=None if grad_norm is None else float(grad_norm),
-            loss_scale=self._loss_scale() if self.precision == "fp16" else None,
+            loss_scale=eng.loss_scale(self.engine, self.format) if self.precision == "fp16" else None,
             skipped_steps=int(self.engine.skipped_steps),
             sampled_classes=None if sampled is None else sampled.numel(),
             vpl_injected_fraction=None if injected is None else float(injected),

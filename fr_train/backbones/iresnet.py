@@ -17,6 +17,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from fr_train.backbones.norm import BatchNorm1d, BatchNorm2d
+
 #: Blocks per stage (stage widths are always 64, 128, 256, 512).
 IRESNET_LAYERS: dict[str, tuple[int, int, int, int]] = {
     "r18": (2, 2, 2, 2),
@@ -54,18 +56,18 @@ class IBasicBlock(nn.Module):
 
     def __init__(self, in_ch: int, out_ch: int, stride: int = 1) -> None:
         super().__init__()
-        self.bn1 = nn.BatchNorm2d(in_ch, eps=BN_EPS)
+        self.bn1 = BatchNorm2d(in_ch, eps=BN_EPS)
         self.conv1 = _conv3x3(in_ch, out_ch)
-        self.bn2 = nn.BatchNorm2d(out_ch, eps=BN_EPS)
+        self.bn2 = BatchNorm2d(out_ch, eps=BN_EPS)
         self.prelu = nn.PReLU(out_ch)
         self.conv2 = _conv3x3(out_ch, out_ch, stride)
-        self.bn3 = nn.BatchNorm2d(out_ch, eps=BN_EPS)
+        self.bn3 = BatchNorm2d(out_ch, eps=BN_EPS)
         self.downsample: nn.Sequential | None = None
         if stride != 1 or in_ch != out_ch:
             # Projection shortcut: 1×1 conv with the block's stride, then BN (ResNet "option B").
             self.downsample = nn.Sequential(
                 nn.Conv2d(in_ch, out_ch, kernel_size=1, stride=stride, bias=False),
-                nn.BatchNorm2d(out_ch, eps=BN_EPS),
+                BatchNorm2d(out_ch, eps=BN_EPS),
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -101,7 +103,7 @@ class IResNet(nn.Module):
         self.embedding_size = embedding_size
 
         self.conv1 = _conv3x3(3, STAGE_WIDTHS[0])
-        self.bn1 = nn.BatchNorm2d(STAGE_WIDTHS[0], eps=BN_EPS)
+        self.bn1 = BatchNorm2d(STAGE_WIDTHS[0], eps=BN_EPS)
         self.prelu = nn.PReLU(STAGE_WIDTHS[0])
         in_ch = STAGE_WIDTHS[0]
         stages = []
@@ -113,11 +115,11 @@ class IResNet(nn.Module):
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
 
         # Output head ("E" in the paper): BN → dropout → FC over the whole 512×7×7 map → BN1d.
-        self.bn2 = nn.BatchNorm2d(STAGE_WIDTHS[-1], eps=BN_EPS)
+        self.bn2 = BatchNorm2d(STAGE_WIDTHS[-1], eps=BN_EPS)
         self.dropout = nn.Dropout(p=dropout)
         final = image_size // 16
         self.fc = nn.Linear(STAGE_WIDTHS[-1] * final * final, embedding_size)
-        self.features = nn.BatchNorm1d(embedding_size, eps=BN_EPS)
+        self.features = BatchNorm1d(embedding_size, eps=BN_EPS)
         self._init_weights(zero_init_residual)
 
     def _init_weights(self, zero_init_residual: bool) -> None:

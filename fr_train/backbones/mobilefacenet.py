@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from fr_train.backbones.iresnet import check_image_size
+from fr_train.backbones.norm import BatchNorm1d, BatchNorm2d
 
 INPUT_SIZE = 112
 GDC_CHANNELS = 512
@@ -40,7 +41,7 @@ class ConvBNPReLU(nn.Module):
         super().__init__()
         self.layers = nn.Sequential(
             nn.Conv2d(in_ch, out_ch, _pair(kernel), _pair(stride), _pair(padding), groups=groups, bias=False),
-            nn.BatchNorm2d(out_ch),
+            BatchNorm2d(out_ch),
             nn.PReLU(out_ch),
         )
 
@@ -57,7 +58,7 @@ class ConvBN(nn.Module):
         super().__init__()
         self.layers = nn.Sequential(
             nn.Conv2d(in_ch, out_ch, _pair(kernel), _pair(stride), _pair(padding), groups=groups, bias=False),
-            nn.BatchNorm2d(out_ch),
+            BatchNorm2d(out_ch),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -107,7 +108,7 @@ class GDCHead(nn.Module):
             ConvBN(GDC_CHANNELS, GDC_CHANNELS, kernel=spatial, groups=GDC_CHANNELS),
             nn.Flatten(1),
             nn.Linear(GDC_CHANNELS, embedding_size, bias=False),
-            nn.BatchNorm1d(embedding_size),
+            BatchNorm1d(embedding_size),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

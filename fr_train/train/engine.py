@@ -1,0 +1,160 @@
+"""Precision, memory format, input dtype and the DeepSpeed engine: ONE code path for CPU and GPU.
+
+Why this module exists: before it, precision and memory format were decided behind
+``if device.type == "cuda"`` branches that the CPU suite never ran, and the GPU path broke in two
+places no test saw (channels_last weights crashed ``deepspeed.initialize``; float32 batches met a
+bf16 engine). Here every such decision is made once, from the configuration and a few facts about
+the device (:class:`DeviceFacts`, which a test can state for a GPU it does not have), and the
+result (:class:`EngineFormat`) is applied the same way on every device. The CPU suite runs the
+GPU's configuration (bf16, channels_last) at small size.
+
+Memory format: the backbone's *activations* are channels_last when ``channels_last`` is on; its
+*parameters* stay in the default contiguous layout. DeepSpeed broadcasts every parameter as bytes
+(``p.data.view(torch.uint8)``, which needs ``stride(-1) == 1``) and ZeRO 1/2 flatten parameters into
+one buffer that they alias; a channels_last parameter breaks both. A convolution whose input is
+channels_last runs its NHWC kernel (cuDNN and oneDNN choose the format from input *or* weight), so
+a channels_last batch gives channels_last activations through the whole network.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+Precision = Literal["fp32", "bf16", "fp16"]
+PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16")
+CHANNELS_LAST: tuple[str, ...] = ("auto", "true", "false")
+
+_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class DeviceFacts:
+    """What the precision and memory-format decisions depend on, and nothing else."""
+
+    type: str  # "cuda" or "cpu"
+    bf16_supported: bool
+
+    @classmethod
+    def of(cls, device: torch.device) -> DeviceFacts:
+        if device.type == "cuda":
+            return cls("cuda", bool(torch.cuda.is_bf16_supported()))
+        return cls(device.type, True)  # CPU bf16 works everywhere (slowly where the ISA lacks it)
+
+
+@dataclass(frozen=True)
+class EngineFormat:
+    """The resolved numerics of a run: what the engine computes in and how batches reach it."""
+
+    precision: Precision
+    channels_last: bool
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The backbone's parameter and input dtype (DeepSpeed casts the module to it)."""
+        return _DTYPES[self.precision]
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
+    def loader_dtype(self, decodes_on_gpu: bool) -> Literal["float32", "float16"]:
+        """What DALI should emit: float16 for an fp16 run decoding on the GPU (half the bytes, no
+        cast), else float32 (DALI has no bfloat16 output; :meth:`batch` casts on the device)."""
+        return "float16" if self.precision == "fp16" and decodes_on_gpu else "float32"
+
+    def batch(self, images: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """A batch in the engine's dtype and memory format on ``device``: one ``.to`` (a no-op where
+        it already is so; on the device where the batch already lives there: no host round trip)."""
+        return images.to(device=device, dtype=self.dtype, memory_format=self.memory_format, non_blocking=True)
+
+    def frozen_module(self, module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+        """A module outside DeepSpeed (the distillation teacher) in the same numerics as the engine's
+        module; not being broadcast or flattened by DeepSpeed, its weights may be channels_last."""
+        module = module.to(device=device, memory_format=self.memory_format)
+        for p in module.parameters():  # as DeepSpeed does: parameters cast, BN statistics kept in float32
+            p.data = p.data.to(self.dtype)
+        return module
+
+
+def resolve_format(precision: str, channels_last: str, facts: DeviceFacts) -> EngineFormat:
+    """``run.precision`` (auto|fp32|bf16|fp16) and ``run.channels_last`` (auto|true|false) for a device.
+
+    auto precision: bf16 on a GPU that has it, fp16 on an older GPU, fp32 on CPU (CPU bf16 is slow:
+    it is allowed when asked for, as the tests do). auto channels_last: on CUDA (NHWC tensor-core
+    convolutions), not on CPU. fp16 needs CUDA: DeepSpeed's loss-scaled fp16 optimizer is a GPU
+    path."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"run.precision: {precision!r} is not one of {', '.join(PRECISIONS)}")
+    if channels_last not in CHANNELS_LAST:
+        raise ValueError(f"run.channels_last: {channels_last!r} is not one of {', '.join(CHANNELS_LAST)}")
+    on_gpu = facts.type == "cuda"
+    if precision == "auto":
+        resolved: Precision = ("bf16" if facts.bf16_supported else "fp16") if on_gpu else "fp32"
+    else:
+        resolved = precision  # type: ignore[assignment]
+    if resolved == "fp16" and not on_gpu:
+        raise ValueError("run.precision=fp16 needs a CUDA GPU (DeepSpeed's loss-scaled fp16 path); "
+                         "use run.precision=bf16 or fp32 on CPU")
+    if resolved == "bf16" and not facts.bf16_supported:
+        raise ValueError("run.precision=bf16: this GPU has no bfloat16 support; use run.precision=fp16 or auto")
+    cl = on_gpu if channels_last == "auto" else channels_last == "true"
+    return EngineFormat(resolved, cl)
+
+
+def deepspeed_config(fmt: EngineFormat, *, micro_batch: int, grad_accum: int, clip_grad_norm: float,
+                     zero_stage: int) -> dict[str, Any]:
+    """The DeepSpeed config of the backbone's engine (the head is model-parallel, outside it)."""
+    ds: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": clip_grad_norm,
+        "zero_optimization": {"stage": zero_stage},
+        # Our SGD is a plain torch optimizer: DeepSpeed's ZeRO refuses it without this flag.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if fmt.precision == "bf16":
+        ds["bf16"] = {"enabled": True}
+    elif fmt.precision == "fp16":
+        ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
+    return ds
+
+
+def backbone_optimizer(params: Iterable[torch.nn.Parameter], name: str, lr: float, momentum: float,
+                       weight_decay: float) -> torch.optim.Optimizer:
+    trainable = [p for p in params if p.requires_grad]
+    if name == "sgd":
+        return torch.optim.SGD(trainable, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    return torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
+
+
+def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict[str, Any],
+                 device: torch.device) -> Any:
+    """``deepspeed.initialize`` on a module moved to ``device`` with contiguous parameters (see the
+    module docstring: DeepSpeed's broadcast and ZeRO's flat buffers need them); DeepSpeed itself
+    casts the module to bf16/fp16."""
+    import deepspeed
+
+    model = model.to(device=device, memory_format=torch.contiguous_format)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
+                                           dist_init_required=False)
+    return engine
+
+
+def loss_scale(engine: Any, fmt: EngineFormat) -> float:
+    """DeepSpeed's current dynamic loss scale (fp16), 1.0 otherwise."""
+    if fmt.precision != "fp16":
+        return 1.0
+    opt = engine.optimizer
+    return float(getattr(opt, "cur_scale", getattr(opt, "loss_scale", 1.0)))
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so that step-time parts measure work, not launches."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
