@@ -596,6 +596,7 @@ class Trainer:
             "backward_s": round(times.backward, 4),
             "optimizer_s": round(times.optimizer, 4),
             "samples_seen": self.state.samples_seen,
+            "peak_memory_gib": round(eng.peak_memory_bytes(self.device) / 2**30, 3),
         }
         bias = getattr(self.head, "unified_bias", None)  # BCE / USS: the learned unified threshold
         if bias is not None:
@@ -634,7 +635,7 @@ class Trainer:
             return
         info = {
             "event": "start", "time": round(time.time(), 3), "run": self.cfg.run.name, "world_size": self.world, "device": str(self.device),
-            "precision": self.precision, "num_classes": self.num_classes, "steps_per_epoch": self.steps_per_epoch,
+            "precision": self.precision, "channels_last": self.format.channels_last, "num_classes": self.num_classes, "steps_per_epoch": self.steps_per_epoch,
             "total_steps": self.total_steps, "global_batch": self.global_batch, "base_lr": self.schedule.base_lr,
             "backbone": self.cfg.backbone.name, "data_dir": str(self.data_dir),
             "backbone_gflops": round(self.backbone_flops / 1e9, 3),
@@ -642,7 +643,8 @@ class Trainer:
         }
         print(f"[fr_train] {self.cfg.backbone.name}: {info['backbone_gflops']} GFLOPs (2 × multiply-adds) forward per "
               f"{self.image_size[0]}x{self.image_size[1]} image; {self.num_classes} classes over {self.world} "
-              f"rank(s); global batch {self.global_batch}; {self.total_steps} steps", flush=True)
+              f"rank(s); global batch {self.global_batch}; {self.total_steps} steps; {self.precision}"
+              f"{', channels_last' if self.format.channels_last else ''} on {self.device.type}", flush=True)
         with self.log_path.open("a") as f:
             f.write(json.dumps(info) + "\n")
 

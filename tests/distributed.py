@@ -25,13 +25,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _entry(rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple, out: Any) -> None:
+def _entry(rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple, out: Any, backend: str) -> None:
     # What torchrun sets; DeepSpeed insists on LOCAL_RANK.
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world)
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+        dist.init_process_group(backend, rank=rank, world_size=world)
         try:
             result = fn(rank, world, *args)
         finally:
@@ -41,12 +43,14 @@ def _entry(rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple
         out.put((rank, False, traceback.format_exc()))
 
 
-def run_distributed(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 120.0) -> list[Any]:
-    """Call ``fn(rank, world, *args)`` on ``world`` gloo ranks; return the results in rank order."""
+def run_distributed(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 120.0,
+                    backend: str = "gloo") -> list[Any]:
+    """Call ``fn(rank, world, *args)`` on ``world`` ranks (gloo; nccl for the GPU tests, rank r on
+    cuda:r); return the results in rank order."""
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_entry, args=(r, world, port, fn, args, out)) for r in range(world)]
+    procs = [ctx.Process(target=_entry, args=(r, world, port, fn, args, out, backend)) for r in range(world)]
     for p in procs:
         p.start()
     results: dict[int, Any] = {}

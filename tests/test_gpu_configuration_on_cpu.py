@@ -200,17 +200,17 @@ def _same_batch_losses(rank: int, world: int, cfg_dict: dict, images: torch.Tens
 def test_bf16_two_ranks_follow_the_loss_curve_of_one_through_an_in_memory_source(
         tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
     """Same global batches, BatchNorm on running statistics (as the fp32 equivalence test): W=2
-    follows W=1 within bf16 rounding. Why rtol 2e-2: bf16 keeps 8 significant bits, one rounding is
-    up to 2^-9 ≈ 0.2% relative; W=2 rounds its half-batch gradients to bf16 before DeepSpeed averages
-    them (W=1 rounds the whole-batch sum once), and convolutions on 8 vs 16 images may take other
-    kernels. Each step therefore moves the weights by an update that differs in its last bits, and the
-    loss after a few steps differs by a few bf16 ulps: measured ≤ 0.3% here over 4 steps; 2% is ~10
-    ulps, while a real error (a missing ×W on the gradient, a wrong dtype in the head) moves the loss
-    by tens of percent (the fp32 test holds the same comparison to 1e-4)."""
+    follows W=1 within bf16 rounding. Why rtol 5e-3: bf16 keeps 8 significant bits (one ulp is 2^-8 ≈
+    0.4% relative); W=2 rounds its half-batch gradients to bf16 before DeepSpeed averages them (W=1
+    rounds the whole-batch sum once), and convolutions on 8 vs 16 images may take other kernels. The
+    updates then differ in their last bits and the loss drifts by a fraction of an ulp per step:
+    measured 1.7e-4 relative at most over 4 steps (2026-11-30, this 2-core CPU). 5e-3 is about one ulp,
+    while a real error (a missing ×W on the gradient, a wrong dtype in the head) moves the loss by
+    percents (the fp32 test holds the same comparison to 1e-4)."""
     from tests.test_train_e2e import _real_images
 
     cfg = _tiny_config(tmp_path, tmp_path_factory.mktemp("gpu_cfg_cache"), "equiv", "eval.enabled=false",
-                       "schedule.max_steps=4", "optimizer.clip_grad_norm=0", "optimizer.lr=0.02",
+                       "schedule.max_steps=4", "optimizer.clip_grad_norm=0", "optimizer.lr=0.002",
                        "checkpoint.resume=never", "checkpoint.every_steps=0")
     images, labels = _real_images(Path(cfg["data"]["path"]), 64)
     one = np.array(run_distributed(_same_batch_losses, 1, cfg, images, labels, 4, 16, timeout=900)[0])
@@ -218,5 +218,16 @@ def test_bf16_two_ranks_follow_the_loss_curve_of_one_through_an_in_memory_source
     print(f"\nbf16 W=1 {one.tolist()}\nbf16 W=2 {two[0]}")
     assert two[0] == two[1]  # the loss is the same number on every rank
     assert np.isfinite(one).all()
-    np.testing.assert_allclose(two[0], one, rtol=2e-2)
+    np.testing.assert_allclose(two[0], one, rtol=5e-3)
     assert len(set(one.tolist())) == len(one)  # every step changed the model
+
+
+def test_gpu_check_refuses_clearly_without_a_gpu(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), str(tmp_path / "out")],
+                          env={**os.environ, "PYTHON": sys.executable}, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert "no CUDA GPU is visible" in proc.stderr and "bash scripts/test.sh" in proc.stderr
+    assert not (tmp_path / "out" / "runs").exists()  # nothing ran

@@ -83,7 +83,11 @@ def test_fr_train_learns_on_the_synthetic_default(cache_dir: Path, tmp_path: Pat
 @pytest.mark.slow
 def test_ray_job_submit_runs_fr_train_to_success(cache_dir: Path, tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    """A real Ray head on 127.0.0.1, a real `ray job submit`, SUCCEEDED, loss and eval in the logs."""
+    """A real Ray head on 127.0.0.1, a real `ray job submit`, SUCCEEDED, loss and eval in the logs; in
+    the GPU's configuration (bf16 engine, channels_last activations) at CPU size (32x32 crops: CPU bf16
+    is ~10x slower than fp32)."""
+    from tests.test_gpu_configuration_on_cpu import GPU_CONFIG, TINY
+
     # Token authentication, as a cluster should run: the head, the client and the job share it.
     monkeypatch.setenv("RAY_AUTH_MODE", "token")
     monkeypatch.setenv("RAY_AUTH_TOKEN", secrets.token_hex(32))
@@ -99,7 +103,7 @@ def test_ray_job_submit_runs_fr_train_to_success(cache_dir: Path, tmp_path: Path
         submit = [str(BIN / "ray"), "job", "submit", "--address", address, "--no-wait", "--",
                   str(BIN / "fr_train"), "r18", "vpl", "--max-steps", "6", "--num-workers", "2",
                   "--storage", str(tmp_path / "runs"), "--name", "job",
-                  "--set", f"data.cache_dir={cache_dir}", *SYNTH_FLAGS,
+                  "--set", f"data.cache_dir={cache_dir}", *[a for s in TINY + GPU_CONFIG for a in ("--set", s)],
                   "--set", "data.batch_size=8", "--set", "run.log_every=2", "--set", "head.vpl_start_iter=2",
                   "--set", "eval.every_steps=0"]
         out = subprocess.run(submit, env=env, check=True, capture_output=True, text=True, timeout=120)
@@ -119,6 +123,7 @@ def test_ray_job_submit_runs_fr_train_to_success(cache_dir: Path, tmp_path: Path
         assert "[fr_train] step 6/6 loss" in logs
         assert "[fr_train] eval step 6 synth_val: accuracy" in logs
         assert "[fr_train] finished 6 steps" in logs
+        assert "steps; bf16, channels_last on cpu" in logs  # the engine's resolved format
     finally:
         subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
         shutil.rmtree(temp_dir, ignore_errors=True)

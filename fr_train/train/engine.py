@@ -154,6 +154,16 @@ def loss_scale(engine: Any, fmt: EngineFormat) -> float:
     return float(getattr(opt, "cur_scale", getattr(opt, "loss_scale", 1.0)))
 
 
+def peak_memory_bytes(device: torch.device) -> int:
+    """The peak memory of this rank so far: device memory allocated by torch on CUDA, the process's
+    peak resident set on CPU (the figures a user compares runs by)."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for the device's queued work, so that step-time parts measure work, not launches."""
     if device.type == "cuda":
