@@ -19,6 +19,7 @@ import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 from PIL import Image
@@ -67,6 +68,8 @@ def write_insightface_dataset(
     samples: Iterable[tuple[int, bytes]],
     num_classes: int,
     image_size: tuple[int, int] = (112, 112),
+    *,
+    overwrite: bool = False,
 ) -> Path:
     """Write ``train.rec``, ``train.idx`` and ``property`` in the insightface layout; returns ``out_dir``.
 
@@ -76,8 +79,16 @@ def write_insightface_dataset(
     recorded in ``property``. Files are written under temporary names and renamed at the end, so an
     interrupted run never leaves a dataset that looks complete. Afterwards the DALI image-only index
     is prepared when ``data_pipeline.dali.prepare_dali_index`` exists.
+
+    A dataset already in ``out_dir`` (any of the three files) is a FileExistsError unless
+    ``overwrite``: a dataset can take days to pack, and a second call with the same path must not
+    silently replace it.
     """
     out_dir = Path(out_dir)
+    existing = [name for name in (REC_NAME, IDX_NAME, PROPERTY_NAME) if (out_dir / name).exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{out_dir}: already holds a dataset ({', '.join(existing)}); pass overwrite=True to "
+                              "replace it, or write to a new directory")
     num_classes = operator.index(num_classes)
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
@@ -169,6 +180,24 @@ class PackOptions:
     quality: int = 95  # JPEG quality when an image has to be re-encoded
     workers: int = 1
     progress: bool = True
+    overwrite: bool = False  # replace the dataset of a non-empty OUT (fr_pack --overwrite)
+
+
+def check_output_dir(out_dir: Path, overwrite: bool) -> None:
+    """Refuse a non-empty ``out_dir`` unless ``overwrite``, before any image is read. WHY any entry,
+    not only a dataset: OUT is usually a typo'd or reused path, and what is in it (a dataset, its
+    verification sets, someone's files) was not made by this command. ``--overwrite`` replaces only
+    the files fr_pack writes (train.rec/.idx, property, identities.txt, the DALI index)."""
+    if overwrite or not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir}: exists and is not a directory; choose another OUT_DIR")
+    entries = sorted(p.name for p in out_dir.iterdir())
+    if entries:
+        shown = ", ".join(entries[:5]) + (f", ... ({len(entries)} entries)" if len(entries) > 5 else "")
+        raise FileExistsError(f"{out_dir}: output directory is not empty (holds {shown}); packing would replace "
+                              "the dataset in it. Choose a new OUT_DIR, or pass --overwrite to replace its "
+                              "train.rec/train.idx/property")
 
 
 def list_identity_folders(src_dir: Path) -> tuple[list[tuple[int, Path]], list[str], int]:
@@ -250,6 +279,7 @@ def _pool(workers: int) -> multiprocessing.pool.Pool:
 def pack_folders(src_dir: str | Path, out_dir: str | Path, options: PackOptions) -> dict[str, object]:
     """Pack ``SRC/<identity>/<image>`` into an insightface dataset in ``out_dir``; returns a summary."""
     src_dir, out_dir = Path(src_dir), Path(out_dir)
+    check_output_dir(out_dir, options.overwrite)
     tasks, names, hidden = list_identity_folders(src_dir)
     jobs = [(label, str(path), options) for label, path in tasks]
     bar = tqdm(total=len(jobs), unit="img", desc="fr_pack", disable=not options.progress)
@@ -264,9 +294,10 @@ def pack_folders(src_dir: str | Path, out_dir: str | Path, options: PackOptions)
             with _pool(options.workers) as pool:
                 chunk = max(1, min(256, len(jobs) // (8 * options.workers)))
                 write_insightface_dataset(out_dir, images(pool.imap(_load_task, jobs, chunksize=chunk)),
-                                          len(names), options.image_size)
+                                          len(names), options.image_size, overwrite=options.overwrite)
         else:
-            write_insightface_dataset(out_dir, images(map(_load_task, jobs)), len(names), options.image_size)
+            write_insightface_dataset(out_dir, images(map(_load_task, jobs)), len(names), options.image_size,
+                                      overwrite=options.overwrite)
     finally:
         bar.close()
     (out_dir / "identities.txt").write_text("".join(f"{i}\t{n}\n" for i, n in enumerate(names)), encoding="utf-8")
@@ -396,7 +427,21 @@ def verify_dataset(directory: str | Path, workers: int = 1, progress: bool = Fal
         "classes_without_images": int(np.count_nonzero(per_class == 0)),
         "image_size": list(dataset.image_size),
         "rec_bytes": dataset.reader.size,
+        "warnings": _class_warnings(dataset, per_class),
     }
+
+
+def _class_warnings(dataset: FaceRecordDataset, per_class: np.ndarray) -> list[str]:
+    """Classes without images are legal (the data is consistent) but worth saying: each is a head
+    prototype that is never pulled towards any image, and a property file claiming far more classes
+    than the labels use (1000 for 8) is usually a wrong file rather than a real dataset."""
+    empty = np.flatnonzero(per_class == 0)
+    if empty.size == 0:
+        return []
+    shown = ", ".join(str(int(c)) for c in empty[:5]) + (", ..." if empty.size > 5 else "")
+    return [f"{dataset.property_path}: {empty.size} of {dataset.num_classes} classes have no images (classes "
+            f"{shown}); they would be dead prototypes of the head. If the class count is wrong, move the property "
+            f"file away and recreate it from the labels with `fr_pack --write-property {dataset.directory}`"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -421,11 +466,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                         help="processes reading/decoding images (default: all cores)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="pack into a non-empty OUT_DIR, replacing the dataset in it (refused otherwise)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Console entry point of ``fr_pack``; returns the process exit status (0 ok, 1 data error)."""
+    """Console entry point of ``fr_pack``; returns the process exit status (0 ok, 1 data error or an
+    output directory that is not empty without --overwrite)."""
     parser = _parser()
     args = parser.parse_args(argv)
     modes = [args.verify is not None, args.write_property is not None, args.src_dir is not None]
@@ -435,6 +483,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--json only applies to --verify")
     if args.workers < 1:
         parser.error("--workers must be >= 1")
+    if args.overwrite and args.src_dir is None:
+        parser.error("--overwrite only applies to packing SRC_DIR OUT_DIR")
     progress = not args.no_progress and sys.stderr.isatty()
     try:
         if args.verify is not None:
@@ -442,6 +492,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"OK {args.verify}: {summary['images']} images, {summary['identities']} identities, "
                   f"layout {summary['layout']}, {summary['records']} records, "
                   f"{summary['classes_without_images']} classes without images")
+            for warning in cast(list[str], summary["warnings"]):
+                print(f"fr_pack: warning: {warning}", file=sys.stderr)
             if args.json:
                 print(json.dumps(summary))
         elif args.write_property is not None:
@@ -449,11 +501,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"wrote {path}: {path.read_text(encoding='ascii').strip()}")
         else:
             options = PackOptions(image_size=(args.image_size[0], args.image_size[1]), resize=args.resize,
-                                  quality=args.quality, workers=args.workers, progress=progress)
+                                  quality=args.quality, workers=args.workers, progress=progress,
+                                  overwrite=args.overwrite)
             summary = pack_folders(args.src_dir, args.out_dir, options)
             print(f"packed {summary['images']} images of {summary['identities']} identities into {args.out_dir} "
                   f"({summary['hidden_files_ignored']} hidden files ignored)")
-    except DataFormatError as exc:
+    except (DataFormatError, FileExistsError) as exc:
         print(f"fr_pack: error: {exc}", file=sys.stderr)
         if args.json:
             print(json.dumps({"ok": False, "error": str(exc)}))

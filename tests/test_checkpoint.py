@@ -4,6 +4,7 @@ compatibility and RNG capture. Everything runs on CPU with tiny sizes."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import multiprocessing as mp
@@ -21,10 +22,12 @@ from torch import nn
 
 from fr_train.checkpointing import (
     CheckpointManager,
+    CorruptCheckpointError,
     SavePolicy,
     capture_rng,
     check_compatible,
     find_latest,
+    load_checkpoint,
     reshard_rank_payloads,
     restore_rng,
 )
@@ -180,6 +183,59 @@ def test_no_valid_checkpoint_means_none_and_an_explicit_bad_path_raises(tmp_path
     assert mgr.latest() is None
     with pytest.raises(ValueError, match=r"rank_0\.pt: sha256"):
         mgr.load(tmp_path / "step_000000001")
+
+
+@pytest.mark.parametrize("entry", ["../../../outside.pt", "ABSOLUTE", "sub/../../../../outside.pt"])
+def test_a_manifest_entry_outside_the_checkpoint_is_refused_naming_it(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, entry: str) -> None:
+    """A manifest listing '../x' or '/x' (with the right size and sha256, so that only the path gives it
+    away) is refused before any file is hashed or read; the fallback skips it with a log line."""
+    root = tmp_path / "run" / "checkpoints"
+    mgr = CheckpointManager(root, keep=3, rank=0, world=1)
+    _save_small(mgr, 1)
+    _save_small(mgr, 2)
+    outside = tmp_path / "outside.pt"
+    outside.write_bytes(b"a file that is not part of any checkpoint")
+    name = str(outside) if entry == "ABSOLUTE" else entry
+    step2 = root / "step_000000002"
+    manifest = json.loads((step2 / "MANIFEST.json").read_text())
+    manifest["files"][name] = {"size": outside.stat().st_size, "sha256": hashlib.sha256(outside.read_bytes()).hexdigest()}
+    (step2 / "MANIFEST.json").write_text(json.dumps(manifest))
+    with pytest.raises(CorruptCheckpointError, match=rf"step_000000002/MANIFEST\.json: entry '{name}' is not a file "
+                                                     r"name inside .*step_000000002"):
+        load_checkpoint(step2)
+    with caplog.at_level(logging.WARNING, logger="fr_train.checkpoint"):
+        ckpt = mgr.latest()
+    assert ckpt is not None and ckpt.step == 1
+    assert "step 2 skipped" in caplog.text and f"entry '{name}'" in caplog.text
+
+
+def test_resuming_from_a_directory_that_is_not_a_checkpoint_says_so_and_what_to_pass(tmp_path: Path) -> None:
+    """A wrong --resume path is not "a write that never finished": the error says what the path is
+    and lists what --resume takes. A manifest-less directory holding checkpoint files keeps that wording."""
+    what_to_pass = r"--resume \(checkpoint\.resume\) takes .*STORAGE/RUN/checkpoints/step_N, auto .* or never"
+    elsewhere = tmp_path / "my_notes"
+    elsewhere.mkdir()
+    (elsewhere / "notes.txt").write_text("not a checkpoint")
+    with pytest.raises(CorruptCheckpointError, match=rf"my_notes: is not an fr_train checkpoint: it has no "
+                                                     rf"MANIFEST\.json .*{what_to_pass}") as info:
+        load_checkpoint(elsewhere)
+    assert "never finished" not in str(info.value)
+
+    run = tmp_path / "runs" / "r1"  # the run directory instead of one of its checkpoints
+    _save_small(CheckpointManager(run / "checkpoints", keep=1, rank=0, world=1), 1)
+    with pytest.raises(CorruptCheckpointError, match=rf"r1: is not an fr_train checkpoint.*it holds checkpoints/: "
+                                                     rf"pass one of .*r1/checkpoints/step_\*.*{what_to_pass}"):
+        load_checkpoint(run)
+    with pytest.raises(CorruptCheckpointError, match=rf"nowhere: does not exist\. {what_to_pass}"):
+        load_checkpoint(tmp_path / "nowhere")
+
+    (run / "checkpoints" / "step_000000001" / "MANIFEST.json").unlink()  # a partial write, by its files
+    partial = run / "checkpoints" / "copied_elsewhere"
+    (run / "checkpoints" / "step_000000001").rename(partial)
+    with pytest.raises(CorruptCheckpointError, match=r"copied_elsewhere/MANIFEST\.json: missing \(the write never "
+                                                     r"finished"):
+        load_checkpoint(partial)
 
 
 def _write_then_get_killed(root: str) -> None:

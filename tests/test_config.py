@@ -46,6 +46,65 @@ def test_bad_values_name_the_field_and_the_range(override, message):
         build_config("r50", "arcface", overrides=[override])
 
 
+@pytest.mark.parametrize("override, message", [
+    ("optimizer.lr=inf", r"optimizer\.lr: must be a finite number \(got inf\)"),
+    ("optimizer.lr=nan", r"optimizer\.lr: must be a finite number \(got nan\)"),
+    ("optimizer.lr=0", r"optimizer\.lr: must be > 0 \(got 0\.0\)"),
+    ("optimizer.lr=-0.1", r"optimizer\.lr: must be > 0 \(got -0\.1\)"),
+    ("head.s=inf", r"head\.s: must be a finite number \(got inf\)"),
+    ("head.s=nan", r"head\.s: must be a finite number \(got nan\)"),
+    ("head.s=0", r"head\.s: must be > 0 \(got 0\.0\)"),
+    ("optimizer.weight_decay=inf", r"optimizer\.weight_decay: must be a finite number \(got inf\)"),
+    ("optimizer.weight_decay=nan", r"optimizer\.weight_decay: must be a finite number \(got nan\)"),
+    ("optimizer.weight_decay=-1e-4", r"optimizer\.weight_decay: must be >= 0 \(got -0\.0001\)"),
+    ("checkpoint.every_minutes=-5", r"checkpoint\.every_minutes: must be >= 0 \(0: off\) \(got -5\.0\)"),
+    ("checkpoint.every_minutes=nan", r"checkpoint\.every_minutes: must be a finite number \(got nan\)"),
+    ("metrics.push_interval=inf", r"metrics\.push_interval: must be a finite number \(got inf\)"),
+    ("checkpoint.sigterm_grace_s=-inf", r"checkpoint\.sigterm_grace_s: must be a finite number \(got -inf\)"),
+    ("metrics.bind=not_an_ip", r"metrics\.bind: must be an IP address such as 127\.0\.0\.1 .* \(got 'not_an_ip'\)"),
+    ("metrics.bind=localhost", r"metrics\.bind: must be an IP address"),
+    ("run.name=../../x", r"run\.name: must be a plain directory name .*inside run\.storage \(got '\.\./\.\./x'\)"),
+    ("run.name=/tmp/elsewhere", r"run\.name: must be a plain directory name"),
+    ("run.name=a/b", r"run\.name: must be a plain directory name"),
+    ("run.name=..", r"run\.name: must be a plain directory name"),
+    ("data.synthetic.num_pairs=4", r"data\.synthetic\.num_pairs: must be even .* >= 10 .*\(got 4\)"),
+])
+def test_non_finite_out_of_range_and_unsafe_values_are_refused_naming_key_and_value(override, message):
+    with pytest.raises(ConfigError, match=message):
+        build_config("r50", "arcface", overrides=[override])
+
+
+def test_toml_inf_and_nan_are_refused_like_overrides(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text("[head]\ns = inf\n")
+    with pytest.raises(ConfigError, match=r"head\.s: must be a finite number \(got inf\)"):
+        build_config("r50", "arcface", config_file=path)
+
+
+def test_checkpoint_every_minutes_zero_still_means_off():
+    assert build_config("r50", "arcface", overrides=["checkpoint.every_minutes=0"]).checkpoint.every_minutes == 0
+
+
+def test_resume_takes_auto_never_or_an_existing_directory_made_absolute(tmp_path, monkeypatch):
+    for mode in ("auto", "never"):
+        assert build_config("r50", "arcface", overrides=[f"checkpoint.resume={mode}"]).checkpoint.resume == mode
+    with pytest.raises(ConfigError, match=r"checkpoint\.resume: is neither auto, never nor an existing checkpoint "
+                                          r"directory; pass auto .*never .*checkpoints/step_N \(got '.*garbage'\)"):
+        build_config("r50", "arcface", overrides=["checkpoint.resume=garbage"])
+    step = tmp_path / "run" / "checkpoints" / "step_000000010"
+    step.mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "run")
+    # Relative to where fr_train runs; stored absolute because the workers run in another directory.
+    cfg = build_config("r50", "arcface", overrides=["checkpoint.resume=checkpoints/step_000000010"])
+    assert cfg.checkpoint.resume == str(step)
+
+
+def test_plain_run_names_and_ip_addresses_are_accepted():
+    cfg = build_config("r50", "arcface", overrides=["run.name=ms1m-r50.v2_final", "metrics.bind=0.0.0.0"])
+    assert (cfg.run.name, cfg.metrics.bind) == ("ms1m-r50.v2_final", "0.0.0.0")
+    assert build_config("r50", "arcface", overrides=["metrics.bind=::"]).metrics.bind == "::"
+
+
 def test_distillation_needs_a_teacher_and_a_weight():
     with pytest.raises(ConfigError, match=r"distill\.teacher: is required by the distillation weights"):
         build_config("mbf", "distill")

@@ -4,22 +4,35 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
 from data_pipeline.binset import write_bin
+from data_pipeline.errors import DataFormatError
+from data_pipeline.synthetic import SyntheticConfig, write_synthetic_dataset
 from fr_train.backbones import build_backbone
 from fr_train.evaluation.cli import main
 from fr_train.evaluation.runner import evaluate_verification, load_verification_set
 from fr_train.export import save_backbone
 
 
-def _jpeg(rng: np.random.Generator, size: int) -> bytes:
+def _jpeg(rng: np.random.Generator, size: int, width: int | None = None) -> bytes:
     buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buf, format="JPEG")
+    Image.fromarray(rng.integers(0, 256, (size, width or size, 3), dtype=np.uint8)).save(buf, format="JPEG")
     return buf.getvalue()
+
+
+def _saved_model(tmp_path: Path) -> Path:
+    torch.manual_seed(0)
+    final = tmp_path / "final"
+    final.mkdir()
+    save_backbone(build_backbone("mbf", image_size=64).eval(), final / "backbone.safetensors")
+    (final / "model.json").write_text(json.dumps({"backbone": "mbf", "embedding_size": 512, "image_size": 64}))
+    return final
 
 
 def test_fr_eval_scores_a_saved_model_like_the_trainer(tmp_path, capsys):
@@ -39,3 +52,55 @@ def test_fr_eval_scores_a_saved_model_like_the_trainer(tmp_path, capsys):
     for key, value in expected.items():
         assert printed[key] == value, key
     assert 0.0 <= printed["accuracy"] <= 1.0 and "tar_at_far_1e-3" in printed
+
+
+def test_a_square_set_of_another_size_is_resized_to_the_model(tmp_path, capsys):
+    rng = np.random.default_rng(1)
+    bin_path = write_bin(tmp_path / "big.bin", [_jpeg(rng, 80) for _ in range(40)], [i % 2 == 0 for i in range(20)])
+    assert load_verification_set(bin_path, (64, 64)).images.shape == (40, 3, 64, 64)
+    assert main([str(_saved_model(tmp_path)), "--bin", str(bin_path), "--batch-size", "20"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["set"] == "big"
+
+
+def test_non_square_images_are_refused_naming_the_file_and_the_image(tmp_path, capsys):
+    """Resizing a 64x48 face to 64x64 squashes it: the set is refused, not scored on distorted faces."""
+    rng = np.random.default_rng(2)
+    images = [_jpeg(rng, 64) for _ in range(40)]
+    images[7] = _jpeg(rng, 48, width=64)
+    bin_path = write_bin(tmp_path / "wide.bin", images, [i % 2 == 0 for i in range(20)])
+    message = r"wide\.bin: images\[7\]: is 64x48 \(WxH\), not square; .*aligned square face crops"
+    with pytest.raises(DataFormatError, match=message):
+        load_verification_set(bin_path, (64, 64))
+    assert main([str(_saved_model(tmp_path)), "--bin", str(bin_path)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fr_eval: error: ") and "wide.bin: images[7]: is 64x48" in err[0]
+
+
+@pytest.mark.parametrize(("issame", "problem"), [
+    ([], r"0 pair\(s\): the 10-fold protocol needs at least 10 pairs"),
+    ([True, False, True], r"3 pair\(s\): the 10-fold protocol needs at least 10 pairs"),
+    ([True] * 12, r"all 12 pairs are genuine \(same identity\): .*need both genuine and impostor pairs"),
+    ([False] * 12, r"all 12 pairs are impostor \(different identities\)"),
+])
+def test_sets_the_protocol_cannot_score_are_refused_naming_the_file(tmp_path, capsys, issame, problem):
+    rng = np.random.default_rng(3)
+    bin_path = write_bin(tmp_path / "few.bin", [_jpeg(rng, 64) for _ in range(2 * len(issame))], issame)
+    with pytest.raises(DataFormatError, match=rf"few\.bin: issame: {problem}"):
+        load_verification_set(bin_path, (64, 64))
+    assert main([str(_saved_model(tmp_path)), "--bin", str(bin_path)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fr_eval: error: ") and "few.bin: issame:" in err[0]
+
+
+def test_a_missing_set_is_one_line_on_stderr(tmp_path, capsys):
+    assert main([str(_saved_model(tmp_path)), "--bin", str(tmp_path / "nope.bin")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nope.bin" in err[0]
+
+
+def test_the_synthetic_default_validation_set_still_loads(tmp_path):
+    """The trainer evaluates on the synthetic default's synth_val.bin through the same loader."""
+    cfg = SyntheticConfig(num_identities=2, images_per_identity=2, holdout_identities=2, num_pairs=10, image_size=32)
+    out = write_synthetic_dataset(tmp_path / "synth", cfg, workers=1)
+    vs = load_verification_set(out / "synth_val.bin", (32, 32))
+    assert vs.images.shape == (20, 3, 32, 32) and vs.issame.sum() == 5

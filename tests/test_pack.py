@@ -93,6 +93,65 @@ def test_verify_accepts_im2rec_datasets_and_counts_classes_without_images(tmp_pa
     assert summary["classes_without_images"] == 1
 
 
+def test_verify_warns_when_the_property_claims_classes_without_images(tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture) -> None:
+    """1000 classes claimed, 8 used: still OK (the data is consistent), but said on stderr and in --json."""
+    with RecordWriter(tmp_path / "train.rec", tmp_path / "train.idx") as writer:
+        for key in range(8):
+            writer.write(key, pack_record(IRHeader(0, float(key), key, 0), jpeg_bytes(key)))
+    (tmp_path / "property").write_text("1000,16,16\n")
+    assert main(["--verify", str(tmp_path), "--json", "--workers", "1"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith(f"OK {tmp_path}")
+    summary = json.loads(captured.out.strip().splitlines()[-1])
+    assert summary["ok"] is True and summary["classes_without_images"] == 992
+    (warning,) = summary["warnings"]
+    assert "property: 992 of 1000 classes have no images (classes 8, 9, 10, 11, 12, ...)" in warning
+    assert f"fr_pack --write-property {tmp_path}" in warning
+    assert f"fr_pack: warning: {warning}" in captured.err
+
+
+def test_verify_has_no_warning_when_every_class_has_images(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    insightface_dataset(tmp_path, [1, 2])
+    assert main(["--verify", str(tmp_path), "--json", "--workers", "1"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out.strip().splitlines()[-1])["warnings"] == [] and "warning" not in captured.err
+
+
+def test_fr_pack_refuses_a_non_empty_output_directory_unless_overwrite(tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture) -> None:
+    """A second pack into the same OUT leaves the first dataset byte for byte; --overwrite replaces
+    only the dataset files, never the user's other files in OUT."""
+    args = ["--image-size", "16", "16", "--workers", "1", "--no-progress"]
+    out = tmp_path / "out"
+    out.mkdir()  # an existing but empty directory is fine
+    assert main([str(identity_folders(tmp_path / "first", [1, 1])), str(out), *args]) == 0
+    (out / "lfw.bin").write_bytes(b"the user's verification set")
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    capsys.readouterr()
+
+    second = identity_folders(tmp_path / "second", [2, 2, 2])
+    assert main([str(second), str(out), *args]) == 1
+    err = capsys.readouterr().err
+    assert f"{out}: output directory is not empty" in err and "--overwrite" in err and "identities.txt" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+    assert main([str(second), str(out), *args, "--overwrite"]) == 0
+    assert verify_dataset(out)["images"] == 6
+    assert (out / "lfw.bin").read_bytes() == b"the user's verification set"
+
+
+def test_writing_a_dataset_over_another_needs_overwrite(tmp_path: Path) -> None:
+    insightface_dataset(tmp_path, [1, 1])
+    rec = (tmp_path / "train.rec").read_bytes()
+    with pytest.raises(FileExistsError, match=r"already holds a dataset \(train\.rec, train\.idx, property\); "
+                                              r"pass overwrite=True"):
+        write_insightface_dataset(tmp_path, [(0, jpeg_bytes(5))], 1, (16, 16))
+    assert (tmp_path / "train.rec").read_bytes() == rec
+    write_insightface_dataset(tmp_path, [(0, jpeg_bytes(5))], 1, (16, 16), overwrite=True)
+    assert verify_dataset(tmp_path)["images"] == 1
+
+
 def test_cli_refuses_ambiguous_modes(capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["--verify", "a", "--write-property", "b"])

@@ -197,3 +197,14 @@ def test_bad_inputs_are_refused() -> None:
         kfold_splits(5, 10)
     with pytest.raises(ValueError, match="both classes"):
         tar_at_far(np.zeros(4), np.zeros(4, dtype=bool))
+
+
+@pytest.mark.parametrize(("same", "message"), [
+    (np.array([], dtype=bool), r"0 pair\(s\): the 10-fold protocol needs at least 10 pairs"),
+    (np.array([True, False, True]), r"3 pair\(s\): the 10-fold protocol needs at least 10 pairs"),
+    (np.ones(20, dtype=bool), r"all 20 pairs are genuine .*need both genuine and impostor"),
+    (np.zeros(20, dtype=bool), r"all 20 pairs are impostor"),
+])
+def test_sets_the_protocol_cannot_score_are_refused_saying_why(same: np.ndarray, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        evaluate_distances(np.zeros(same.size), same)

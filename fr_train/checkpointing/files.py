@@ -96,11 +96,36 @@ class CorruptCheckpointError(ValueError):
     """A checkpoint directory fails verification; the message names the file and the problem."""
 
 
+_RESUME_HELP = ("--resume (checkpoint.resume) takes a checkpoint directory STORAGE/RUN/checkpoints/step_N, auto (the "
+                "newest valid checkpoint of the run of the same name) or never (start fresh)")
+# What a checkpoint directory holds before its manifest is written (manager.py's commit protocol).
+_PARTIAL_WRITE = ("rank_*.pt", "rank_*.done.json", "rank_*.failed.json", "*.partial", "backbone.pt", "meta.json")
+
+
+def _looks_like_partial_write(directory: Path) -> bool:
+    """A manifest-less directory named like a checkpoint, or holding what one holds before its
+    manifest is written: an interrupted write, not a wrong path."""
+    if directory.name.startswith(("step_", ".tmp-step_")):
+        return True
+    return any(next(directory.glob(pattern), None) is not None for pattern in _PARTIAL_WRITE)
+
+
 def read_manifest(directory: Path) -> dict[str, Any]:
     path = directory / MANIFEST
     if not path.is_file():
-        raise CorruptCheckpointError(f"{path}: missing (the write never finished: a checkpoint without a "
-                                     "manifest does not exist)")
+        if not directory.exists():
+            raise CorruptCheckpointError(f"{directory}: does not exist. {_RESUME_HELP}")
+        if not directory.is_dir():
+            raise CorruptCheckpointError(f"{directory}: is a file, not a checkpoint directory. {_RESUME_HELP}")
+        if _looks_like_partial_write(directory):
+            raise CorruptCheckpointError(f"{path}: missing (the write never finished: a checkpoint without a "
+                                         "manifest does not exist)")
+        hint = ""
+        if (directory / "checkpoints").is_dir():
+            hint = f" (it holds checkpoints/: pass one of {directory / 'checkpoints'}/step_*, or auto)"
+        raise CorruptCheckpointError(f"{directory}: is not an fr_train checkpoint: it has no {MANIFEST} and none of "
+                                     f"the files a checkpoint write leaves (rank_*.pt, backbone.pt, meta.json){hint}. "
+                                     f"{_RESUME_HELP}")
     try:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -108,12 +133,28 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT or not isinstance(
             manifest.get("files"), dict):
         raise CorruptCheckpointError(f"{path}: field 'format' is not {MANIFEST_FORMAT!r} or 'files' is missing")
+    for name, entry in manifest["files"].items():
+        _check_entry(path, name, entry)
     return manifest
+
+
+def _check_entry(manifest_path: Path, name: str, entry: Any) -> None:
+    """Every entry names a file directly inside the checkpoint directory. WHY: verification hashes
+    and loading reads the listed files, and a manifest is data from disk (possibly copied from
+    elsewhere): '../x' or '/x' would make a resume read, and vouch for, files outside the checkpoint."""
+    if name in ("", ".", "..") or any(c in name for c in ("/", "\\", "\0")):
+        raise CorruptCheckpointError(f"{manifest_path}: entry {name!r} is not a file name inside "
+                                     f"{manifest_path.parent} (absolute, or with '/', '\\' or '..'); the manifest is "
+                                     "corrupt or was not written by fr_train: do not resume from this checkpoint")
+    if not (isinstance(entry, dict) and isinstance(entry.get("size"), int) and isinstance(entry.get("sha256"), str)):
+        raise CorruptCheckpointError(f"{manifest_path}: entry {name!r} is {entry!r}, expected "
+                                     "{'size': <bytes>, 'sha256': <hex digest>}")
 
 
 def verify_directory(directory: Path, *, hash_files: bool = True) -> dict[str, Any]:
     """The manifest of ``directory`` after checking every listed file; raises CorruptCheckpointError
-    naming the first bad file. ``hash_files=False`` checks presence and sizes only (cheap)."""
+    naming the first bad file. ``hash_files=False`` checks presence and sizes only (cheap). Every
+    entry is checked to name a file inside ``directory`` before any file is touched."""
     manifest = read_manifest(directory)
     for name, entry in manifest["files"].items():
         path = directory / name

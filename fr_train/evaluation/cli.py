@@ -23,6 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
 
+    from data_pipeline.errors import DataFormatError
     from fr_train.backbones import build_backbone
     from fr_train.evaluation.runner import evaluate_verification, load_verification_set
     from fr_train.export import load_backbone_weights
@@ -44,8 +45,14 @@ def main(argv: list[str] | None = None) -> int:
     model.load_state_dict(load_backbone_weights(weights))
     device = torch.device(args.device)
     model.to(device).eval()
-    for b in args.bins:
-        vs = load_verification_set(b, (size, size))
+    sets = []
+    for b in args.bins:  # all of them before any scoring: a bad set fails the command at once
+        try:
+            sets.append(load_verification_set(b, (size, size)))
+        except (DataFormatError, OSError) as e:
+            print(f"fr_eval: error: {e}", file=sys.stderr)
+            return 1
+    for vs in sets:
         r = evaluate_verification(model, vs, args.batch_size, device)
         print(json.dumps({"set": vs.name, **r}))
     return 0

@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from data_pipeline.binset import decode_image, read_bin
-from fr_train.evaluation.verification import combine_flip, evaluate_embeddings
+from data_pipeline.errors import data_error
+from fr_train.evaluation.verification import check_pairs, combine_flip, evaluate_embeddings
 
 
 @dataclass
@@ -42,13 +43,26 @@ def find_eval_sets(data_dir: Path, names: list[str]) -> list[Path]:
 
 
 def load_verification_set(path: str | Path, image_size: tuple[int, int]) -> VerificationSet:
+    """Decode a ``.bin`` at the model's ``image_size`` (H, W), refusing what cannot be scored
+    faithfully (DataFormatError naming the file): too few pairs, pairs of one kind only, or images
+    that are not square. A square image of another size is resized; a non-square one would be
+    squashed, distorting every face in it, so the set is refused instead of scored wrong."""
     from PIL import Image
 
     path = Path(path)
     images, issame = read_bin(path)
+    try:
+        check_pairs(issame)
+    except ValueError as e:
+        raise data_error(path, "issame", str(e), "Use a complete verification set (e.g. LFW: 6000 pairs, half "
+                         "genuine, half impostor)") from None
     arrays = []
     for i, data in enumerate(images):
         arr = decode_image(data, source=path, index=i)
+        if arr.shape[0] != arr.shape[1]:
+            raise data_error(path, f"images[{i}]", f"is {arr.shape[1]}x{arr.shape[0]} (WxH), not square; resizing it "
+                             f"to the model's {image_size[1]}x{image_size[0]} would distort the face",
+                             "Re-create the set from aligned square face crops (e.g. 112x112, as insightface's sets)")
         if arr.shape[:2] != tuple(image_size):
             arr = np.asarray(Image.fromarray(arr).resize((image_size[1], image_size[0]), Image.BILINEAR))
         arrays.append(arr)

@@ -106,6 +106,20 @@ def _validate(dist: np.ndarray, issame: np.ndarray) -> tuple[np.ndarray, np.ndar
     return dist, issame
 
 
+def check_pairs(issame: np.ndarray, n_folds: int = DEFAULT_FOLDS) -> None:
+    """Refuse label sets the protocol cannot score, saying why. WHY here and not deep inside: the
+    k-fold split and the ROC otherwise fail with an index-level message ("need 2 <= n_folds <= n"),
+    or an all-genuine set scores a meaningless 100% accuracy while its TAR@FAR raises."""
+    issame = np.asarray(issame, dtype=bool).reshape(-1)
+    n, n_same = issame.size, int(issame.sum())
+    if n < n_folds:
+        raise ValueError(f"{n} pair(s): the {n_folds}-fold protocol needs at least {n_folds} pairs, genuine "
+                         "(same identity) and impostor")
+    if n_same in (0, n):
+        kind = "genuine (same identity)" if n_same == n else "impostor (different identities)"
+        raise ValueError(f"all {n} pairs are {kind}: accuracy and TAR@FAR need both genuine and impostor pairs")
+
+
 def fold_accuracy(dist: np.ndarray, issame: np.ndarray, *, thresholds: np.ndarray = DEFAULT_THRESHOLDS,
                   n_folds: int = DEFAULT_FOLDS) -> tuple[np.ndarray, np.ndarray]:
     """Per fold: held-out accuracy at the threshold best on the other folds, and that threshold."""
@@ -183,6 +197,7 @@ def evaluate_distances(dist: np.ndarray, issame: np.ndarray, *, n_folds: int = D
                        tar_fars: Sequence[float] = (1e-4, 1e-3)) -> VerificationResult:
     """All metrics from squared L2 pair distances (smaller = more similar)."""
     dist, issame = _validate(dist, issame)
+    check_pairs(issame, n_folds)
     accs, best = fold_accuracy(dist, issame, thresholds=thresholds, n_folds=n_folds)
     vals, _ = fold_val_at_far(dist, issame, 1e-3, thresholds=thresholds, n_folds=n_folds)
     return VerificationResult(
