@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from fr_train.build_locks import clear_abandoned_build_locks, local_holders
+from fr_train.train.build_locks import clear_abandoned_build_locks, local_holders
 
 SHM_OP = "deepspeed_shm_comm"  # deepspeed.ops.op_builder.cpu.comm.ShareMemCommBuilder.NAME
 
@@ -70,7 +70,7 @@ def _load_env(root: Path) -> dict[str, str]:
 def built_shm_op() -> Path:
     """The DeepSpeed shm op as this environment builds it (once, in its own TORCH_EXTENSIONS_DIR, as
     any CPU training run does); copied into a temporary root below so that a load there is quick."""
-    from fr_train.build_locks import extensions_root
+    from fr_train.train.build_locks import extensions_root
 
     out = subprocess.run([sys.executable, "-c", LOAD_SHM_OP], capture_output=True, text=True, timeout=1200)
     assert out.returncode == 0, out.stderr[-3000:]

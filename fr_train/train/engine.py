@@ -140,6 +140,12 @@ def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_co
     casts the module to bf16/fp16."""
     import deepspeed
 
+    from fr_train.train.build_locks import clear_abandoned_build_locks
+
+    # deepspeed.initialize may JIT-build its CPU communication op under a lock file; a build killed
+    # midway (a timeout, a preemption at first start) leaves the lock and every later run would wait
+    # on it forever.
+    clear_abandoned_build_locks()
     model = model.to(device=device, memory_format=torch.contiguous_format)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
                                            dist_init_required=False)

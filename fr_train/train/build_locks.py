@@ -28,7 +28,7 @@ import os
 import time
 from pathlib import Path
 
-log = logging.getLogger("fr_train.build_locks")
+log = logging.getLogger("fr_train.train.build_locks")
 
 LOCK_NAME = "lock"  # torch.utils.cpp_extension._jit_compile: FileBaton(os.path.join(build_directory, 'lock'))
 # Filesystem types whose files other hosts can hold open (fuse: sshfs, s3fs, gcsfuse, ...).
