@@ -112,7 +112,7 @@ def main() -> None:
                   f"loss {r['final_loss']:.3f} ({r['seconds']:.0f}s)", flush=True)
     dist.destroy_process_group()
 
-    from data_pipeline.synthetic import raw_pixel_baseline
+    from fr_train.evaluation.baseline import raw_pixel_baseline
 
     baseline = raw_pixel_baseline(Path(runs[0]["data_dir"]) / "synth_val.bin")
     rows = []

@@ -68,26 +68,90 @@ def choose_placement(cfg: TrainConfig, cluster_resources: dict[str, float]) -> P
     return Placement(num_workers=n, use_gpu=use_gpu)
 
 
+class PlacementError(RuntimeError):
+    """The cluster cannot hold the workers the run asks for (and, joined, did not grow in time)."""
+
+
+def placeable_workers(placement: Placement, cpus_per_worker: int, nodes: list[dict[str, float]]) -> int:
+    """How many workers of one placement fit on these nodes' total resources (each worker on one
+    node: ``cpus_per_worker`` CPUs, and one GPU when on GPUs)."""
+    fit = 0
+    for res in nodes:
+        n = int(res.get("CPU", 0) // cpus_per_worker) if cpus_per_worker else 10**9
+        if placement.use_gpu:
+            n = min(n, int(res.get("GPU", 0)))
+        fit += n
+    return fit
+
+
+def _node_resources() -> list[dict[str, float]]:
+    import ray
+
+    return [dict(n.get("Resources", {})) for n in ray.nodes() if n.get("Alive")]
+
+
+def check_placement(placement: Placement, cfg: TrainConfig, local: bool) -> None:
+    """Compare the request with the cluster before any worker starts. Ray itself would wait forever
+    for room that a local cluster never gets (and Ctrl-C does not end that wait). A local cluster is
+    refused at once; a joined one (which an autoscaler may grow) is waited for, with a message, up
+    to run.placement_timeout_s."""
+    per = f"{cfg.run.cpus_per_worker} CPU{' + 1 GPU' if placement.use_gpu else ''}"
+    deadline = time.monotonic() + cfg.run.placement_timeout_s
+    next_note = 0.0
+    while True:
+        nodes = _node_resources()
+        fit = placeable_workers(placement, cfg.run.cpus_per_worker, nodes)
+        if fit >= placement.num_workers:
+            return
+        cpus, gpus = sum(n.get("CPU", 0) for n in nodes), sum(n.get("GPU", 0) for n in nodes)
+        problem = (f"run.num_workers={placement.num_workers} workers of {per} each do not fit this Ray cluster "
+                   f"({len(nodes)} node(s), {cpus:g} CPUs, {gpus:g} GPUs in all): it holds {fit}. Pass "
+                   f"--num-workers {max(fit, 1)} (or fewer)"
+                   + (", or --set run.cpus_per_worker=1" if cfg.run.cpus_per_worker > 1 else "")
+                   + ", or add nodes")
+        if local:
+            raise PlacementError(problem + " (a local cluster cannot grow)")
+        now = time.monotonic()
+        if now >= deadline:
+            raise PlacementError(f"{problem}; waited run.placement_timeout_s={cfg.run.placement_timeout_s:g} s "
+                                 "for the cluster to grow")
+        if now >= next_note:
+            print(f"[fr_train] waiting up to {deadline - now:.0f} s for room: {problem}", flush=True)
+            next_note = now + 30.0
+        time.sleep(min(5.0, max(0.1, deadline - now)))
+
+
 def launch(cfg: TrainConfig) -> int:
+    import os
+
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from fr_train.worker import train_loop
+    from cluster.failures import clear_records, read_fatal
+    from cluster.worker import train_loop
 
     cfg.run.name = resolve_run_name(cfg)
     storage = Path(cfg.run.storage).expanduser().resolve()
     cfg.run.storage = str(storage)
+    run_dir = storage / cfg.run.name
     data_dir = prepare_data(cfg)
     cfg.data.path = str(data_dir)
 
     # Inside `ray job submit` RAY_ADDRESS is set and this joins that cluster; otherwise it starts
-    # a local one. The job's runtime env must not be re-specified here (Ray rejects the merge).
-    # A local cluster keeps its dashboard (on 127.0.0.1): Ray Train's placement-group cleaner
-    # queries the State API it serves, and logs a failure every few seconds without it.
+    # a local one, on 127.0.0.1. The job's runtime env must not be re-specified here (Ray rejects
+    # the merge). A local cluster keeps its dashboard (on 127.0.0.1): Ray Train's placement-group
+    # cleaner queries the State API it serves, and logs a failure every few seconds without it.
+    local = not os.environ.get("RAY_ADDRESS") and not ray.is_initialized()
     if not ray.is_initialized():
-        ray.init(log_to_driver=True)
+        if local:
+            ray.init(log_to_driver=True, _node_ip_address="127.0.0.1", include_dashboard=True,
+                     dashboard_host="127.0.0.1")
+        else:
+            ray.init(log_to_driver=True)
     placement = choose_placement(cfg, ray.cluster_resources())
+    check_placement(placement, cfg, local)
+    clear_records(run_dir)  # a new launch: the cause an earlier one ended on may be fixed
     print("[fr_train] resolved config:\n" + cfg.to_json(), flush=True)
     print(f"[fr_train] run {cfg.run.name}: {placement.num_workers} worker(s), "
           f"{'GPU' if placement.use_gpu else 'CPU'}, storage {storage}", flush=True)
@@ -109,12 +173,23 @@ def launch(cfg: TrainConfig) -> int:
             # from); Ray only records the ones reported.
             checkpoint_config=CheckpointConfig(num_to_keep=None),
             # SIGTERM to a worker: checkpoint the current step on every rank before Ray exits it.
-            worker_runtime_env=_sigterm_hook_env(),
+            worker_runtime_env=_worker_env(local),
         ),
     )
-    result = trainer.fit()
-    if result.error is not None:
-        print(f"[fr_train] run {cfg.run.name} FAILED: {result.error}", flush=True)
+    try:
+        result = trainer.fit()
+        error: BaseException | None = result.error
+    except Exception as exc:  # Ray 2.60 raises the run's failure (TrainingFailedError) from fit()
+        result, error = None, exc
+    fatal = read_fatal(run_dir)
+    if fatal is not None:  # an error no restart fixes: the workers stopped retrying
+        print(f"[fr_train] run {cfg.run.name} FAILED (not retried: a restart cannot fix it): {fatal['error']}",
+              flush=True)
+        return 1
+    if error is not None or result is None:
+        print(f"[fr_train] run {cfg.run.name} FAILED after run.max_failures={cfg.run.max_failures} restarts: "
+              f"{root_cause(error)}; the newest checkpoint in {run_dir / 'checkpoints'} is intact: run the same "
+              "command to resume", flush=True)
         return 1
     print(summarize_run(storage / cfg.run.name), flush=True)
     if result.checkpoint is not None:
@@ -122,14 +197,30 @@ def launch(cfg: TrainConfig) -> int:
     return 0
 
 
-def _sigterm_hook_env() -> dict[str, object]:
-    """Runtime env of the Ray Train workers that runs fr_train.preemption.defer_sigterm in each worker
-    process before Ray's main loop. Ray Train's worker_runtime_env does not export a setup hook by
-    itself (only ray.init does), so the hook is exported the way ray.init does it."""
+def _worker_env(local: bool) -> dict[str, object]:
+    """Runtime env of the Ray Train workers: cluster.preemption.defer_sigterm runs in each worker
+    process before Ray's main loop (Ray Train's worker_runtime_env does not export a setup hook by
+    itself, only ray.init does, so it is exported the way ray.init does it); on a local cluster,
+    gloo binds the loopback interface."""
     from ray._private.runtime_env.setup_hook import export_setup_func_module
 
-    hook = "fr_train.preemption.defer_sigterm"
-    return dict(export_setup_func_module({"worker_process_setup_hook": hook}, hook))
+    hook = "cluster.preemption.defer_sigterm"
+    env = dict(export_setup_func_module({"worker_process_setup_hook": hook}, hook))
+    if local:
+        env["env_vars"] = {**dict(env.get("env_vars") or {}), "GLOO_SOCKET_IFNAME": "lo"}  # type: ignore[arg-type]
+    return env
+
+
+def root_cause(error: BaseException | None) -> str:
+    """The innermost error's one line out of Ray's wrapping (the worker's traceback is in its log)."""
+    from cluster.failures import one_line
+
+    if error is None:
+        return "the run ended without a result"
+    text = [line.strip() for line in str(error).splitlines() if line.strip()]
+    raised = [line for line in text if ":" in line and line.split(":", 1)[0].split(".")[-1].endswith(("Error",
+                                                                                                    "Exception"))]
+    return raised[-1] if raised else one_line(error)
 
 
 def summarize_run(run_dir: Path) -> str:

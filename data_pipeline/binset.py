@@ -14,15 +14,14 @@ called, with an error naming the file and the refused ``module.name``.
 from __future__ import annotations
 
 import io
-import os
 import pickle
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from data_pipeline.atomic import atomic_path
 from data_pipeline.errors import DataFormatError, data_error
 
 try:  # numpy >= 2
@@ -166,16 +165,8 @@ def write_bin(path: str | Path, images: Sequence[bytes], issame: Sequence[bool] 
         raise ValueError(f"write_bin({path}): {len(imgs)} images for {len(flags)} pairs; need exactly 2 per pair")
     if any(len(b) == 0 for b in imgs):
         raise ValueError(f"write_bin({path}): empty image bytes at index {next(i for i, b in enumerate(imgs) if not b)}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            pickle.dump((imgs, flags), f, protocol=PICKLE_PROTOCOL)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        pickle.dump((imgs, flags), f, protocol=PICKLE_PROTOCOL)
     return path
 
 

@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import numpy as np
 
+from data_pipeline.atomic import atomic_write_bytes
 from data_pipeline.dataset import FaceRecordDataset, open_dataset
 from data_pipeline.errors import DataFormatError, data_error
 from data_pipeline.recordio import IR_SIZE, MAGIC
@@ -104,19 +105,6 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write to a unique temporary name in the same folder, then rename: readers never see a partial file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _frame_ends(words: np.ndarray, offsets: np.ndarray, rec_path: Path, keys: np.ndarray) -> np.ndarray:
@@ -328,7 +316,7 @@ def _write_outputs(out_dir: Path, meta: dict[str, Any], keys: np.ndarray, offset
                    labels: np.ndarray) -> None:
     """Index, then arrays, then the metadata that names both by hash (the commit point)."""
     index_bytes = "".join(f"{k}\t{o}\n" for k, o in zip(keys.tolist(), offsets.tolist(), strict=True)).encode("ascii")
-    _atomic_write(out_dir / IMAGE_INDEX_NAME, index_bytes)
+    atomic_write_bytes(out_dir / IMAGE_INDEX_NAME, index_bytes)
     arrays_tmp = out_dir / f".{ARRAYS_NAME}.{os.getpid()}.{uuid.uuid4().hex}.npz"
     try:
         np.savez(arrays_tmp, keys=keys, offsets=offsets, labels=labels)
@@ -336,7 +324,7 @@ def _write_outputs(out_dir: Path, meta: dict[str, Any], keys: np.ndarray, offset
     finally:
         arrays_tmp.unlink(missing_ok=True)
     meta["outputs"] = {name: _sha256(out_dir / name) for name in (IMAGE_INDEX_NAME, ARRAYS_NAME)}
-    _atomic_write(out_dir / META_NAME, json.dumps(meta, indent=1).encode("utf-8"))
+    atomic_write_bytes(out_dir / META_NAME, json.dumps(meta, indent=1).encode("utf-8"))
 
 
 def load_dali_index(dataset_dir: str | Path, out_dir: str | Path | None = None) -> DaliIndex:
@@ -417,7 +405,9 @@ def _rank_seeds(seed: int, rank: int) -> tuple[int, int]:
     return int(a) & 0x7FFFFFFF, int(b) & 0x7FFFFFFF
 
 
-def _import_dali() -> Any:
+def import_dali() -> Any:
+    """``nvidia.dali``, or an ImportError that says what to install (the pipeline and the P×K
+    sampler build their graphs from it)."""
     try:
         import nvidia.dali  # noqa: F401
     except ImportError as exc:
@@ -440,7 +430,7 @@ def build_pipeline(index: DaliIndex, config: DaliConfig, *, shard_id: int, num_s
     lets the iterator name each sample's record key. Checkpointing is always enabled;
     ``checkpoint`` (from ``Pipeline.checkpoint()``) restores the reader and random-op state.
     """
-    dali = _import_dali()
+    dali = import_dali()
     fn, types = dali.fn, dali.types
     if not 0 <= shard_id < num_shards:
         raise ValueError(f"shard_id must be in [0, num_shards={num_shards}), got {shard_id}")

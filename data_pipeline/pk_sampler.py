@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from data_pipeline.dali import DaliConfig, FaceBatch, _import_dali, load_dali_index
+from data_pipeline.dali import DaliConfig, FaceBatch, import_dali, load_dali_index
 from data_pipeline.dataset import open_dataset
 
 if TYPE_CHECKING:
@@ -81,7 +81,7 @@ class PKFaceIterator:
         self._pipe = self._build(0)
 
     def _build(self, start: int) -> Pipeline:
-        dali = _import_dali()
+        dali = import_dali()
         fn, types = dali.fn, dali.types
         self._fed = start
         c = self.config

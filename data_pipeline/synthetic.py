@@ -32,15 +32,11 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from data_pipeline.binset import decode_image, read_bin, write_bin
-
-if TYPE_CHECKING:
-    from fr_train.evaluation.verification import VerificationResult
+from data_pipeline.binset import write_bin
 
 #: Bump when the rendering changes: it is part of the cache key, so old caches are not reused.
 GENERATOR_VERSION = 1
@@ -688,27 +684,3 @@ def ensure_synthetic_dataset(cache_dir: str | Path, cfg: SyntheticConfig, worker
 # ----------------------------------------------------------------------------------------------
 # Hardness check
 # ----------------------------------------------------------------------------------------------
-
-
-def raw_pixel_distances(images: list[bytes], source: str | Path) -> np.ndarray:
-    """Squared L2 distance ``2 - 2·corr`` of each pair's flattened pixels, each image mean-centred
-    and L2-normalised first (so the cosine is the Pearson correlation of the two images)."""
-    dist = np.empty(len(images) // 2)
-    for p in range(dist.size):
-        a, b = (decode_image(images[2 * p + k], source=source, index=2 * p + k).reshape(-1).astype(np.float64)
-                for k in (0, 1))
-        a -= a.mean()
-        b -= b.mean()
-        # einsum, not BLAS dot: a multi-threaded BLAS on a busy machine is 100x slower for one vector
-        dot, aa, bb = np.einsum("i,i->", a, b), np.einsum("i,i->", a, a), np.einsum("i,i->", b, b)
-        dist[p] = 2.0 - 2.0 * dot / np.sqrt(aa * bb)
-    return dist
-
-
-def raw_pixel_baseline(bin_path: str | Path) -> VerificationResult:
-    """The 10-fold verification accuracy of raw-pixel correlation on a ``.bin``: the floor any
-    learned model must beat (a dataset where this is high tests nothing)."""
-    from fr_train.evaluation.verification import evaluate_distances
-
-    images, issame = read_bin(bin_path)
-    return evaluate_distances(raw_pixel_distances(images, bin_path), issame)

@@ -90,9 +90,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(cfg.to_json())
         return 0
-    from cluster.launch import launch
+    from cluster.launch import PlacementError, launch
 
-    return launch(cfg)
+    try:
+        return launch(cfg)
+    except (PlacementError, ValueError, FileNotFoundError) as exc:  # the request or the data: one line, no trace
+        print(f"fr_train: error: {exc}", file=sys.stderr, flush=True)
+        return 1
 
 
 if __name__ == "__main__":

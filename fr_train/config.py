@@ -162,6 +162,10 @@ class RunSettings:
     log_every: int = 10
     max_failures: int = 3
     cpus_per_worker: int = 1
+    placement_timeout_s: float = 600.0
+    """On a cluster fr_train joins (`ray job submit`, RAY_ADDRESS): how long to wait, with a message,
+    for room for every worker (an autoscaler adding nodes) before failing. A local cluster cannot
+    grow: a request it cannot place is refused at once."""
     export_onnx: bool = True
     """Also write final/backbone.onnx (checked against torch by onnxruntime) at the end of the run."""
 
@@ -543,6 +547,7 @@ def validate(cfg: TrainConfig) -> None:
     _check(cfg.checkpoint.sigterm_grace_s > 0, "checkpoint.sigterm_grace_s", "must be > 0")
     _check(cfg.run.max_failures >= 0, "run.max_failures", "must be >= 0")
     _check(cfg.run.cpus_per_worker >= 1, "run.cpus_per_worker", "must be >= 1")
+    _check(cfg.run.placement_timeout_s >= 0, "run.placement_timeout_s", "must be >= 0 seconds")
     _check(cfg.metrics.push_interval > 0, "metrics.push_interval", "must be > 0")
     _check(0 <= cfg.metrics.port < 65536, "metrics.port", "must be a port number (0: off)")
     _check_ip(cfg.metrics.bind)

@@ -12,7 +12,6 @@ import importlib.util
 import json
 import os
 import pickle
-import tempfile
 import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from data_pipeline.atomic import atomic_path
 from fr_train.backbones import build_backbone
 
 SAFETENSORS_SUFFIX = ".safetensors"
@@ -57,15 +57,8 @@ def save_backbone(
     bad = {k: type(v).__name__ for k, v in meta.items() if not isinstance(k, str) or not isinstance(v, str)}
     if bad:
         raise TypeError(f"{path}: safetensors metadata must map str → str; offending entries: {bad}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
     return path
 
 
@@ -147,6 +140,23 @@ def load_backbone(
     return model
 
 
+def write_model_info(directory: Path, *, backbone: str, embedding_size: int, image_size: int, steps: int) -> Path:
+    """``model.json``: what a saved backbone is (fr_eval, distillation and load_saved_model read it)."""
+    path = Path(directory) / MODEL_JSON
+    path.write_text(json.dumps({"backbone": backbone, "embedding_size": embedding_size, "image_size": image_size,
+                                "steps": steps}))
+    return path
+
+
+def read_model_info(path: Path) -> dict[str, Any]:
+    """``model.json`` checked for the fields a model needs to be rebuilt."""
+    info = json.loads(Path(path).read_text())
+    missing = [k for k in ("backbone", "embedding_size", "image_size") if k not in info]
+    if missing:
+        raise ValueError(f"{path}: field(s) {missing} missing; it was not written by fr_train")
+    return info
+
+
 def load_saved_model(path: str | os.PathLike[str]) -> tuple[nn.Module, dict[str, Any]]:
     """A model fr_train saved at the end of a run: ``RUN/final`` (or ``RUN`` itself) holding
     ``backbone.safetensors`` and ``model.json`` (backbone, embedding_size, image_size). Loaded strictly,
@@ -159,10 +169,7 @@ def load_saved_model(path: str | os.PathLike[str]) -> tuple[nn.Module, dict[str,
         if not needed.is_file():
             raise FileNotFoundError(f"{needed}: not found; pass a finished fr_train run's final/ directory "
                                     "(it holds backbone.safetensors and model.json)")
-    info = json.loads(meta_path.read_text())
-    missing = [k for k in ("backbone", "embedding_size", "image_size") if k not in info]
-    if missing:
-        raise ValueError(f"{meta_path}: field(s) {missing} missing; it was not written by fr_train")
+    info = read_model_info(meta_path)
     model = load_backbone(info["backbone"], weights, embedding_size=int(info["embedding_size"]),
                           image_size=int(info["image_size"]))
     return model.eval(), info

@@ -1,7 +1,7 @@
 """The training loop of one rank: data → backbone (DeepSpeed, data-parallel) → sharded head → step.
 
-`train_loop` is what Ray Train runs on every worker; `Trainer` is the same loop without Ray
-(torch.distributed already initialised, or a single process), so tests can drive it directly.
+`Trainer` knows nothing of Ray (torch.distributed already initialised, or a single process), so
+tests drive it directly; cluster/worker.py is the Ray Train entry that runs it on every worker.
 
 Gradient contract (see fr_train/heads): the head returns the GLOBAL mean loss, identical on
 every rank, and back-propagates into each rank's embeddings exactly d(global loss)/d(local
@@ -16,11 +16,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
-import signal
 import socket
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -37,14 +34,13 @@ from fr_train.schedule import PolySchedule, scaled_lr
 from fr_train.train import engine as eng
 
 
-class StoppedEarly(RuntimeError):
-    """The run stopped before its last step on a SIGTERM, after checkpointing that step. Raised by the
-    Ray entry point so that Ray Train restarts the workers (FailureConfig) instead of counting a
-    finished run."""
-
-
 class NonFiniteLossError(FloatingPointError):
-    """The loss became NaN/inf; raised on every rank together (the loss is the same everywhere)."""
+    """The loss became NaN/inf; raised on every rank together (the loss is the same everywhere).
+    ``step`` is the step it happened at: the same step again after a restart is not a transient."""
+
+    def __init__(self, message: str, step: int) -> None:
+        super().__init__(message)
+        self.step = step
 
 
 @dataclass
@@ -139,7 +135,7 @@ class Trainer:
         self.precision = self.format.precision
         self.state = TrainState()
         self.stop_requested = False
-        self.external_stop: Callable[[], bool] = lambda: False  # e.g. a deferred SIGTERM (fr_train.preemption)
+        self.external_stop: Callable[[], bool] = lambda: False  # e.g. a deferred SIGTERM (cluster.preemption)
         self._skip_batches = 0
         # Asked on every rank at the same steps (Ray's query is a barrier); returns a description of
         # the notice, the same on all ranks, or None.
@@ -280,7 +276,8 @@ class Trainer:
             raise NonFiniteLossError(
                 f"loss is {loss_value} at step {self.state.step} (epoch {self.state.epoch}) of run "
                 f"{self.cfg.run.name}: lower optimizer.lr (now {self.schedule.base_lr:g} after scaling), "
-                "add warmup (schedule.warmup_steps) or check the data; the last checkpoint is intact"
+                "add warmup (schedule.warmup_steps) or check the data; the last checkpoint is intact",
+                self.state.step,
             )
         loss_scale = eng.loss_scale(self.engine, self.format)
         # DeepSpeed divides by grad_accum here, for the head's gradients too: they accumulate as
@@ -674,16 +671,15 @@ class Trainer:
 
     def _finish(self, last_eval: dict[str, Any]) -> None:
         if self.rank == 0:
-            from fr_train.export import export_onnx, save_backbone
+            from fr_train.export import export_onnx, save_backbone, write_model_info
 
             out = self.run_dir / "final"
             out.mkdir(parents=True, exist_ok=True)
             model = self.engine.module.float().eval()
             save_backbone(model, out / "backbone.safetensors")
             (out / "config.json").write_text(self.cfg.to_json())
-            (out / "model.json").write_text(json.dumps({
-                "backbone": self.cfg.backbone.name, "embedding_size": self.cfg.backbone.embedding_size,
-                "image_size": self.image_size[0], "steps": self.state.step}))
+            write_model_info(out, backbone=self.cfg.backbone.name, embedding_size=self.cfg.backbone.embedding_size,
+                             image_size=self.image_size[0], steps=self.state.step)
             if self.cfg.run.export_onnx:
                 export_onnx(model.cpu(), out / "backbone.onnx", image_size=self.image_size[0])
             summary = {"event": "end", "step": self.state.step, "eval": last_eval, "final_dir": str(out)}
@@ -694,70 +690,3 @@ class Trainer:
                 if isinstance(v, int | float)}
         self.report({"step": self.state.step, "done": 1, **flat}, self._checkpoint_to_report())
         self.metrics.close(clean=True)
-
-
-def stop_on_sigterm(trainer: Trainer) -> Callable[[], None]:
-    """On the main thread: SIGTERM → the trainer finishes its step, checkpoints it on every rank and
-    stops. Returns the function that restores the previous handler. (Ray Train runs the loop in a
-    thread; there fr_train.preemption defers Ray's own handler instead.)"""
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None
-    previous = signal.getsignal(signal.SIGTERM)
-
-    def on_sigterm(signum: int, frame: Any) -> None:
-        trainer.stop_requested = True
-
-    signal.signal(signal.SIGTERM, on_sigterm)
-    return lambda: signal.signal(signal.SIGTERM, previous)
-
-
-def _ray_preemption_notice() -> str | None:
-    """Ray Train's drain notice (a node of the run is being reclaimed), as one line, or None."""
-    import ray.train
-
-    info = ray.train.get_preemption_info()
-    if info is None:
-        return None
-    deadline = "no deadline" if not info.deadline_ms else "deadline " + time.strftime(
-        "%Y-%m-%d %H:%M:%S UTC", time.gmtime(info.deadline_ms / 1000))  # absolute: the same notice stays equal
-    return f"node(s) {', '.join(n[:12] for n in info.preempted_node_ids)} (ranks {info.preempted_ranks}), {deadline}"
-
-
-def train_loop(loop_config: dict[str, Any]) -> None:
-    """Ray Train entry point: runs on every worker with torch.distributed already initialised."""
-    import ray.train
-
-    cfg = TrainConfig.from_dict(loop_config["config"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    if torch.cuda.is_available() and cfg.run.use_gpu != "no":
-        device = torch.device("cuda", ctx.get_local_rank())
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-        torch.set_num_threads(max(1, cfg.run.cpus_per_worker))
-    os.environ.setdefault("LOCAL_RANK", str(ctx.get_local_rank()))
-    import ray
-    from ray.train import Checkpoint, CheckpointUploadMode
-
-    def report(metrics: dict[str, Any], checkpoint: Path | None) -> None:
-        # The checkpoint is already committed under the run's storage path: Ray records it
-        # (Result.checkpoint, the run's checkpoint list) without copying it.
-        ray.train.report(metrics, checkpoint=None if checkpoint is None else Checkpoint(str(checkpoint)),
-                         checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
-
-    trainer = Trainer(cfg, rank, world, device, report=report,
-                      job_id=ray.get_runtime_context().get_job_id(), preemption_notice=_ray_preemption_notice)
-
-    from fr_train.preemption import sigterm_requested, training_active
-
-    trainer.external_stop = sigterm_requested  # SIGTERM, deferred by fr_train.preemption.defer_sigterm
-    uninstall = stop_on_sigterm(trainer)  # when this runs on the main thread (no Ray Train thread)
-    try:
-        with training_active(cfg.checkpoint.sigterm_grace_s):
-            st = trainer.fit()
-    finally:
-        uninstall()
-    if st.step < trainer.total_steps:
-        raise StoppedEarly(f"run {cfg.run.name} stopped at step {st.step} of {trainer.total_steps} on SIGTERM; its "
-                           "checkpoint is committed and the restarted workers resume from it")

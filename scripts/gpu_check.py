@@ -89,7 +89,7 @@ def _run_figures(run_dir: Path) -> dict[str, Any]:
         fig["accuracy_first"], fig["accuracy_last"] = evals[0]["accuracy"], evals[-1]["accuracy"]
         data_dir = Path(start.get("data_dir", ""))
         if (data_dir / "synth_val.bin").is_file():
-            from data_pipeline.synthetic import raw_pixel_baseline
+            from fr_train.evaluation.baseline import raw_pixel_baseline
 
             fig["raw_pixels"] = round(raw_pixel_baseline(data_dir / "synth_val.bin").accuracy, 4)
     return fig

@@ -38,7 +38,7 @@ def _learn_presets(rank: int, world: int, methods: list[str], cache: str, storag
 def test_every_method_preset_learns_on_the_synthetic_default(tmp_path_factory: pytest.TempPathFactory) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    from data_pipeline.synthetic import raw_pixel_baseline
+    from fr_train.evaluation.baseline import raw_pixel_baseline
 
     # Two independent single-process groups side by side (each run is one process with one thread,
     # deterministic whatever runs beside it): the same results as one after the other, in about half

@@ -16,12 +16,12 @@ from data_pipeline.synthetic import (
     build_verification_set,
     ensure_synthetic_dataset,
     identity_params,
-    raw_pixel_baseline,
     render_image,
     render_jpeg,
     verification_pairs,
     write_synthetic_dataset,
 )
+from fr_train.evaluation.baseline import raw_pixel_baseline
 
 TINY = SyntheticConfig(num_identities=4, images_per_identity=3, holdout_identities=6,
                        holdout_images_per_identity=3, num_pairs=20, seed=7)

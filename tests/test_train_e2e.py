@@ -51,7 +51,7 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_fr_train_learns_on_the_synthetic_default(cache_dir: Path, tmp_path: Path) -> None:
     """Two CPU workers under a local Ray cluster: held-out verification accuracy rises from where
     the untrained network starts to well above the raw-pixel baseline of the same pairs."""
-    from data_pipeline.synthetic import raw_pixel_baseline
+    from fr_train.evaluation.baseline import raw_pixel_baseline
 
     storage = tmp_path / "runs"
     cmd = [str(BIN / "fr_train"), "mbf", "arcface", "--name", "learn", "--storage", str(storage),

@@ -26,14 +26,14 @@ def main(argv: list[str] | None = None) -> int:
     from data_pipeline.errors import DataFormatError
     from fr_train.backbones import build_backbone
     from fr_train.evaluation.runner import evaluate_verification, load_verification_set
-    from fr_train.export import load_backbone_weights
+    from fr_train.export import MODEL_JSON, load_backbone_weights, read_model_info
 
     model_path = Path(args.model)
     weights = model_path / "backbone.safetensors" if model_path.is_dir() else model_path
-    meta_path = weights.parent / "model.json"
+    meta_path = weights.parent / MODEL_JSON
     name, emb, size = args.backbone, args.embedding_size, args.image_size
     if meta_path.is_file():
-        saved = json.loads(meta_path.read_text())
+        saved = read_model_info(meta_path)
         name = name or saved["backbone"]
         emb = emb or saved["embedding_size"]
         size = size or saved["image_size"]

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-log = logging.getLogger("fr_train.preemption")
+log = logging.getLogger("cluster.preemption")
 
 _requested = threading.Event()
 _active = threading.Event()

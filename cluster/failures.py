@@ -1,0 +1,72 @@
+"""Which errors a restart can fix, and the record that stops Ray from retrying the others.
+
+Why: Ray Train (2.60) retries every worker-group error up to ``FailureConfig.max_failures`` and has
+no hook to call an error deterministic. A config error, a malformed dataset, a missing or
+incompatible checkpoint, a NaN loss at the same step twice: each fails again after every restart
+(on a GPU cluster, each rebuilds the worker group), and the user was left with Ray's traceback.
+So a worker that meets such an error writes ``RUN/fatal.json`` (the error's one line) before it
+raises; the restarted workers find the record and return at once, which Ray counts as the end of
+the run (no more restarts); the driver reads the record and ends with that one line. Crashes,
+preemptions and other errors keep Ray's retries. This module is the record's one home.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from data_pipeline.atomic import atomic_write_bytes
+
+FATAL_NAME = "fatal.json"
+NONFINITE_NAME = "nonfinite.json"  # the step of the last NaN loss: twice at one step is not a transient
+
+# Errors of what the user gave (configuration, data, files, checkpoints): the same input fails the
+# same way after a restart. ValueError covers ConfigError and DataFormatError.
+_NOT_RETRYABLE: tuple[type[BaseException], ...] = (
+    ValueError, TypeError, LookupError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
+)
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """False for errors of the run's input, which a restart cannot fix; True for everything else
+    (a crashed or killed process, a lost node, out of memory, a flaky filesystem)."""
+    return not isinstance(exc, _NOT_RETRYABLE)
+
+
+def one_line(exc: BaseException) -> str:
+    """The error as one line: its type and first line of message (ours name the file/key and fix)."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".strip()
+
+
+def _write(path: Path, record: dict[str, Any]) -> None:
+    atomic_write_bytes(path, json.dumps(record).encode())  # readers see the old record or the new one
+
+
+def _read(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def record_fatal(run_dir: Path, exc: BaseException, rank: int) -> None:
+    _write(run_dir / FATAL_NAME, {"error": one_line(exc), "type": type(exc).__name__, "rank": rank})
+
+
+def read_fatal(run_dir: Path) -> dict[str, Any] | None:
+    return _read(run_dir / FATAL_NAME)
+
+
+def clear_records(run_dir: Path) -> None:
+    """At a new launch of the run (the driver): the user may have fixed the cause."""
+    for name in (FATAL_NAME, NONFINITE_NAME):
+        (run_dir / name).unlink(missing_ok=True)
+
+
+def nonfinite_again(run_dir: Path, step: int) -> bool:
+    """Record a NaN loss at ``step``; True if the previous attempt had one at the same step."""
+    previous = _read(run_dir / NONFINITE_NAME)
+    _write(run_dir / NONFINITE_NAME, {"step": step})
+    return previous is not None and previous.get("step") == step

@@ -1,0 +1,104 @@
+"""A run never hangs on a request the cluster cannot hold, and an error that a restart cannot fix
+ends the run after at most one restart with one line that names it, not Ray's traceback.
+
+Issue 14's cases 1 and 4: `--num-workers 3` on a 2-CPU local cluster made Ray wait forever (and
+Ctrl-C did not end it); a `--resume` directory that is not a checkpoint was retried
+run.max_failures times (4 attempts) and ended in a long Ray traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cluster.failures import clear_records, is_retryable, nonfinite_again, read_fatal, record_fatal
+from cluster.launch import Placement, placeable_workers
+from fr_train.config import ConfigError
+from tests.test_gpu_configuration_on_cpu import TINY
+from tests.test_train_e2e import _env
+
+BIN = Path(sys.executable).parent
+
+
+# ------------------------------------------------------------------------------------------------
+# Units: what fits, what is retried, the record
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("placement", "cpus_per_worker", "nodes", "fit"), [
+    (Placement(3, False), 1, [{"CPU": 2.0}], 2),
+    (Placement(2, False), 2, [{"CPU": 2.0}, {"CPU": 3.0}], 2),  # each worker on one node: 1 + 1
+    (Placement(16, True), 1, [{"CPU": 64.0, "GPU": 8.0}], 8),
+    (Placement(2, True), 1, [{"CPU": 0.0, "GPU": 0.0}, {"CPU": 8.0, "GPU": 2.0}], 2),  # a head without resources
+])
+def test_placeable_workers_counts_whole_workers_per_node(placement: Placement, cpus_per_worker: int,
+                                                         nodes: list[dict[str, float]], fit: int) -> None:
+    assert placeable_workers(placement, cpus_per_worker, nodes) == fit
+
+
+def test_errors_of_the_input_are_not_retried_crashes_are() -> None:
+    from data_pipeline.errors import DataFormatError
+
+    assert not is_retryable(ConfigError("head.s: must be > 0"))
+    assert not is_retryable(DataFormatError("train.rec: bad magic"))
+    assert not is_retryable(FileNotFoundError("no such checkpoint"))
+    assert is_retryable(RuntimeError("NCCL error: unhandled system error"))
+    assert is_retryable(MemoryError())
+
+
+def test_a_nan_loss_twice_at_one_step_is_fatal(tmp_path: Path) -> None:
+    assert not nonfinite_again(tmp_path, 7)  # the first time: a restart from the checkpoint may pass
+    assert nonfinite_again(tmp_path, 7)  # the same step after the restart: the data or the settings
+    assert not nonfinite_again(tmp_path, 9)
+    record_fatal(tmp_path, ValueError("checkpoint x: incompatible\nmore detail"), rank=1)
+    assert read_fatal(tmp_path) == {"error": "ValueError: checkpoint x: incompatible", "type": "ValueError",
+                                    "rank": 1}
+    clear_records(tmp_path)
+    assert read_fatal(tmp_path) is None and not list(tmp_path.iterdir())
+
+
+# ------------------------------------------------------------------------------------------------
+# The real CLI on a real local Ray cluster
+# ------------------------------------------------------------------------------------------------
+def _fr_train(tmp_path: Path, cache: Path, *args: str, timeout: float = 300) -> tuple[int, str, float]:
+    cmd = [str(BIN / "fr_train"), "mbf", "arcface", "--storage", str(tmp_path / "runs"), "--max-steps", "2",
+           "--set", f"data.cache_dir={cache}", *[a for s in TINY for a in ("--set", s)],
+           "--set", "data.batch_size=8", "--set", "eval.enabled=false", "--set", "run.export_onnx=false", *args]
+    t0 = time.monotonic()
+    proc = subprocess.run(cmd, env=_env(tmp_path), capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL)
+    return proc.returncode, proc.stdout + proc.stderr, time.monotonic() - t0
+
+
+@pytest.mark.slow
+def test_more_workers_than_a_local_cluster_holds_is_refused_at_once(tmp_path: Path,
+                                                                    tmp_path_factory: pytest.TempPathFactory) -> None:
+    rc, out, seconds = _fr_train(tmp_path, tmp_path_factory.mktemp("faults_cache"), "--num-workers", "3",
+                                 "--name", "too-many", "--set", "run.cpus_per_worker=1", timeout=240)
+    assert rc == 1, out[-3000:]
+    assert "do not fit this Ray cluster" in out and "--num-workers 2" in out and "cannot grow" in out, out[-3000:]
+    assert not (tmp_path / "runs" / "too-many" / "train_log.jsonl").exists()  # no worker started
+    print(f"\nrefused in {seconds:.1f} s (local Ray start included)")
+
+
+@pytest.mark.slow
+def test_a_resume_path_that_is_not_a_checkpoint_fails_once_with_one_line(
+        tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    not_a_checkpoint = tmp_path / "somewhere"
+    not_a_checkpoint.mkdir()
+    (not_a_checkpoint / "notes.txt").write_text("mine")
+    rc, out, seconds = _fr_train(tmp_path, tmp_path_factory.mktemp("faults_cache"), "--num-workers", "1",
+                                 "--name", "bad-resume", "--resume", str(not_a_checkpoint),
+                                 "--set", "run.max_failures=3", timeout=600)
+    assert rc == 1, out[-3000:]
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("[fr_train] run bad-resume FAILED (not retried"), out[-3000:]
+    assert "not an fr_train checkpoint" in last and str(not_a_checkpoint) in last, last
+    log = tmp_path / "runs" / "bad-resume" / "train_log.jsonl"
+    starts = [r for r in map(json.loads, log.read_text().splitlines())] if log.exists() else []
+    assert len([r for r in starts if r.get("event") == "start"]) <= 1  # never trained, never looped
+    assert (not_a_checkpoint / "notes.txt").read_text() == "mine"  # what the user pointed at is untouched
+    print(f"\nfailed in {seconds:.1f} s with: {last}")
