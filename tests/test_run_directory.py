@@ -104,6 +104,29 @@ def test_auto_refuses_when_no_checkpoint_loads_listing_each_and_touches_nothing(
     assert "older" not in caplog.text and caplog.text.count("no checkpoint under") == 3
 
 
+def _refused_start(rank: int, world: int, cfg_dict: dict[str, Any]) -> str:
+    from fr_train.worker import Trainer
+
+    try:
+        Trainer(TrainConfig.from_dict(cfg_dict), rank, world, torch.device("cpu"))
+    except RunDirectoryError as e:
+        return str(e)
+    return "started"
+
+
+def test_every_rank_refuses_together_instead_of_waiting_for_rank_0(tmp_path: Path) -> None:
+    """Only rank 0 reads the run directory; its refusal reaches the other ranks before the build's
+    first collective, so no rank is left waiting in deepspeed.initialize (a hang until the timeout)."""
+    from tests.distributed import run_distributed
+
+    run = _finished_run(tmp_path)
+    before = _hashes(run)
+    refused = run_distributed(_refused_start, 2, _cfg(tmp_path, "r1", "checkpoint.resume=never").to_dict(), timeout=120)
+    assert refused[0].startswith(f"run directory {run} already holds a run")
+    assert refused[1] == f"rank 1: rank 0 could not start the run: RunDirectoryError: {refused[0]}"
+    assert _hashes(run) == before
+
+
 def test_auto_refuses_final_without_a_checkpoint_to_continue(tmp_path: Path) -> None:
     """A finished run whose checkpoints were removed: auto has nothing to continue and would
     replace the model by a run from step 0."""
@@ -244,3 +267,77 @@ def test_overwrite_flag_sets_run_overwrite_and_means_a_new_run() -> None:
     with pytest.raises(ConfigError, match=r"run\.overwrite: true starts a new run in place of the old one, so it "
                                           r"needs checkpoint\.resume=never .*checkpoint\.resume=auto"):
         config_from_args(build_parser().parse_args(["r18", "arcface", "--overwrite", "--resume", "auto"]))
+
+
+# The real Trainer, end to end --------------------------------------------------------------------
+
+def _starts_of_one_run(rank: int, world: int, cfg_dict: dict[str, Any]) -> dict[str, Any]:
+    """Four starts of run "r" in one process (one DeepSpeed import): fresh; auto over a damaged newest
+    checkpoint; a new run without and then with --overwrite."""
+    from fr_train.worker import Trainer
+
+    def start(**changes: Any) -> Any:
+        cfg = TrainConfig.from_dict(cfg_dict)
+        for key, value in changes.items():
+            setattr(getattr(cfg, key.split("__")[0]), key.split("__")[1], value)
+        return Trainer(cfg, rank, world, torch.device("cpu"))
+
+    run = Path(cfg_dict["run"]["storage"]) / "r"
+    root = run / "checkpoints"
+    out: dict[str, Any] = {}
+    first = start()
+    first.fit()
+    out["first"] = (first.resumed_from, sorted(p.name for p in root.iterdir()), (run / "final").is_dir())
+
+    _bitflip(root / "step_000000004" / "backbone.pt")
+    damaged = _hashes(root / "step_000000004")
+    second = start()
+    second.fit()
+    out["second"] = (second.resumed_from, [h["step"] for h in second.state.history],
+                     _hashes(root / "set_aside" / "step_000000004") == damaged,
+                     load_checkpoint(root / "step_000000004").step)
+
+    before = _hashes(run)
+    try:
+        start(checkpoint__resume="never")
+        out["never"] = "started"
+    except RunDirectoryError as e:
+        out["never"] = str(e)
+    out["never_unchanged"] = _hashes(run) == before
+
+    third = start(checkpoint__resume="never", run__overwrite=True)
+    third.fit()
+    log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    out["overwrite"] = (third.resumed_from, [h["step"] for h in third.state.history],
+                        (root / "set_aside").exists(), [r for r in log if r["event"] == "start"])
+    return out
+
+
+@pytest.mark.slow
+def test_the_trainer_starts_fresh_falls_back_refuses_and_overwrites_only_when_asked(
+        tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
+    """About 20 s on 2 CPU cores: four starts of a 4-step run at 32x32 (mbf, fp32, DALI on CPU)."""
+    import os
+
+    from cluster.launch import prepare_data
+    from tests.distributed import run_distributed
+    from tests.test_gpu_configuration_on_cpu import REPO, TINY
+
+    cfg = build_config("mbf", "arcface", overrides=[
+        f"data.cache_dir={tmp_path_factory.mktemp('rundir_cache')}", *TINY, f"run.storage={tmp_path}", "run.name=r",
+        "data.batch_size=8", "schedule.max_steps=4", "checkpoint.every_steps=2", "checkpoint.every_minutes=0",
+        "eval.enabled=false", "run.export_onnx=false", "run.log_every=1"])
+    cfg.data.path = str(prepare_data(cfg))
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+    out = run_distributed(_starts_of_one_run, 1, cfg.to_dict(), timeout=600)[0]
+    root = tmp_path / "r" / "checkpoints"
+
+    assert out["first"] == (None, ["step_000000002", "step_000000004"], True)  # a fresh directory starts
+    # auto over a damaged step 4: continues from step 2, trains 3 and 4; the damaged one is kept whole
+    assert out["second"] == (str(root / "step_000000002"), [3, 4], True, 4)
+    assert out["never"].startswith(f"run directory {tmp_path / 'r'} already holds a run") and out["never_unchanged"]
+    resumed_from, steps, set_aside_left, starts = out["overwrite"]
+    assert (resumed_from, steps, set_aside_left) == (None, [1, 2, 3, 4], False)
+    assert len(starts) == 1  # the replaced run's log went with it: no interleaved "start" events
+    assert starts[0]["run_directory"]["replaced"] == [str(tmp_path / "r" / p) for p in
+                                                      ("checkpoints", "final", "train_log.jsonl", "config.json")]

@@ -6,6 +6,8 @@ Layout of one checkpoint (storage shared by all ranks, e.g. the Ray Train storag
                         backbone.pt                 rank 0's shared payload (consolidated backbone + optimizer)
                         meta.json                   run facts: step, world size, num_classes, config, code version
                         MANIFEST.json               every file's size and sha256, written last
+    ROOT/set_aside/step_…     checkpoints off the run's timeline (unloadable, or newer than the step
+                              the run continued from), moved whole; never deleted or overwritten
 
 Commit protocol (no collective, because the writes run in a background thread while the training
 loop keeps using the process group; collectives from two threads on one group can interleave and
@@ -175,6 +177,7 @@ def committed_steps(root: Path) -> list[tuple[int, Path]]:
 class Unloadable:
     """A ``step_*`` directory that cannot be loaded, and why (the file and the problem)."""
 
+    step: int
     path: Path
     reason: str
 
@@ -200,11 +203,11 @@ def survey_checkpoints(root: str | Path) -> CheckpointSurvey:
     for a large head), and older checkpoints play no part in a resume once a newer one loads."""
     root = Path(root)
     unloadable: list[Unloadable] = []
-    for _, path in committed_steps(root):
+    for step, path in committed_steps(root):
         try:
             return CheckpointSurvey(root, load_checkpoint(path), unloadable)
         except (CorruptCheckpointError, OSError, ValueError, KeyError, TypeError) as e:
-            unloadable.append(Unloadable(path, str(e)))
+            unloadable.append(Unloadable(step, path, str(e)))
     return CheckpointSurvey(root, None, unloadable)
 
 
@@ -212,15 +215,14 @@ def log_survey(survey: CheckpointSurvey) -> None:
     """One warning per unloadable checkpoint, saying truthfully what the resume does instead: the
     older checkpoint it falls back to, or that none is loadable."""
     for bad in survey.unloadable:
-        step = int(_STEP_DIR.match(bad.path.name).group(1))  # type: ignore[union-attr]
         if survey.latest is not None:
             log.warning("checkpoint step %d skipped (cannot be loaded): %s; the newest loadable checkpoint is "
                         "the older step %d; %s is left in place until this run commits its next checkpoint, "
-                        "then moved to %s (never deleted or overwritten by fr_train)", step, bad.reason,
+                        "then moved to %s (never deleted or overwritten by fr_train)", bad.step, bad.reason,
                         survey.latest.step, bad.path, survey.root / SET_ASIDE_DIR)
         else:
             log.warning("checkpoint step %d skipped (cannot be loaded): %s; no checkpoint under %s can be loaded",
-                        step, bad.reason, survey.root)
+                        bad.step, bad.reason, survey.root)
 
 
 def find_latest(root: str | Path) -> LoadedCheckpoint | None:
