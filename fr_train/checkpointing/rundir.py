@@ -31,7 +31,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fr_train.checkpointing.manager import (
     CheckpointSurvey,
@@ -41,6 +41,9 @@ from fr_train.checkpointing.manager import (
     set_aside_checkpoints,
     survey_checkpoints,
 )
+
+if TYPE_CHECKING:
+    from fr_train.config import TrainConfig
 
 log = logging.getLogger("fr_train.checkpoint")
 
@@ -138,8 +141,8 @@ def _refuse_unloadable(run_dir: Path, survey: CheckpointSurvey, mode: str) -> Ru
         f"or pass {_OVERWRITE}.")
 
 
-def check_run_directory(run_dir: str | Path, cfg: Any, *, launch_id: str | None = None) -> RunStart:
-    """Decide what a start with ``cfg`` (a TrainConfig) does with ``run_dir`` (STORAGE/NAME), or raise
+def check_run_directory(run_dir: str | Path, cfg: TrainConfig, *, launch_id: str | None = None) -> RunStart:
+    """Decide what a start with ``cfg`` does with ``run_dir`` (STORAGE/NAME), or raise
     ``RunDirectoryError`` naming the directory, what it holds and the options. Reads only (the
     launcher may call it on the driver; the Trainer's rank 0 calls it again before writing anything).
     ``launch_id``: this launch's id (None on the driver): equal to the recorded one, this is a restart.
