@@ -130,11 +130,15 @@ def launch(cfg: TrainConfig) -> int:
 
     from cluster.failures import clear_records, read_fatal
     from cluster.worker import train_loop
+    from fr_train.checkpointing import check_run_directory
 
     cfg.run.name = resolve_run_name(cfg)
     storage = Path(cfg.run.storage).expanduser().resolve()
     cfg.run.storage = str(storage)
     run_dir = storage / cfg.run.name
+    # Before anything else: a run name owns its directory (resume it, --overwrite it, or another
+    # --name); every checkpoint it would resume from is verified here, on the driver.
+    check_run_directory(run_dir, cfg)
     data_dir = prepare_data(cfg)
     cfg.data.path = str(data_dir)
 

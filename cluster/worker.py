@@ -82,8 +82,13 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     from cluster.preemption import sigterm_requested, training_active
 
     try:
-        trainer = Trainer(cfg, rank, world, device, report=report,
-                          job_id=ray.get_runtime_context().get_job_id(), preemption_notice=_ray_preemption_notice)
+        runtime = ray.get_runtime_context()
+        # One launch: this Ray cluster's session and the driver's job. Ray's restarts of the workers
+        # keep it, so a restart continues the launch's own checkpoints (Trainer, launch_id); the next
+        # launch, even on a fresh local cluster whose job ids start again, has another session.
+        launch_id = f"{runtime.get_session_name()}/{runtime.get_job_id()}"
+        trainer = Trainer(cfg, rank, world, device, report=report, job_id=runtime.get_job_id(),
+                          preemption_notice=_ray_preemption_notice, launch_id=launch_id)
         trainer.external_stop = sigterm_requested  # SIGTERM, deferred by cluster.preemption.defer_sigterm
         uninstall = stop_on_sigterm(trainer)  # when this runs on the main thread (no Ray Train thread)
         try:

@@ -46,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", default=None, metavar="auto|never|PATH",
                    help="auto: continue the run of the same --name from its newest valid checkpoint (default); "
                    "never: start fresh; PATH: a checkpoint directory (STORAGE/RUN/checkpoints/step_*)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a new run in place of the run of the same --name: deletes its checkpoints, final/ "
+                   "and train_log.jsonl at the start (run.overwrite=true; implies --resume never). Without it a "
+                   "new run refuses a run directory that holds checkpoints or final/")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
     return p
 
@@ -58,6 +62,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         value = getattr(args, flag)
         if value is not None:
             flag_overrides.append(f"{key}={value}")
+    if args.overwrite:
+        flag_overrides.append("run.overwrite=true")
+        if args.resume is None:
+            flag_overrides.append("checkpoint.resume=never")  # replacing a run means not continuing it
     # explicit --set overrides win over the convenience flags
     return build_config(args.backbone, args.method, args.config, flag_overrides + list(args.overrides))
 

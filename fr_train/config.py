@@ -168,6 +168,15 @@ class RunSettings:
     grow: a request it cannot place is refused at once."""
     export_onnx: bool = True
     """Also write final/backbone.onnx (checked against torch by onnxruntime) at the end of the run."""
+    overwrite: bool = False
+    """Start a new run in place of the one in run.storage/run.name (the CLI's --overwrite). A run name owns
+    its directory: without this, a new run (checkpoint.resume=never, or auto with nothing loadable to
+    continue from) refuses a directory that holds checkpoints or final/ instead of silently replacing
+    another run's model. With it, the old run's checkpoints/ (set-aside ones included), final/,
+    train_log.jsonl and config.json are deleted when the run starts, each listed in the log first: only
+    then, because the user asked. Needs checkpoint.resume=never (--overwrite implies it). A restart of
+    the same launch by Ray deletes nothing: it continues from that launch's own newest checkpoint
+    (fr_train/checkpointing/rundir.py)."""
 
 
 @dataclass
@@ -564,5 +573,8 @@ def validate(cfg: TrainConfig) -> None:
     _check(cfg.checkpoint.every_minutes >= 0, "checkpoint.every_minutes", "must be >= 0 (0: off)",
            got=cfg.checkpoint.every_minutes)
     _check_resume(cfg.checkpoint.resume)
+    _check(not cfg.run.overwrite or cfg.checkpoint.resume == "never", "run.overwrite",
+           "true starts a new run in place of the old one, so it needs checkpoint.resume=never (--resume never); "
+           f"checkpoint.resume={cfg.checkpoint.resume} would continue one: drop run.overwrite to continue")
     _check_run_name(cfg.run.name)
     _check(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")

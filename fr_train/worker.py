@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -32,6 +32,9 @@ from fr_train.config import TrainConfig
 from fr_train.heads import scale_backbone_grad
 from fr_train.schedule import PolySchedule, scaled_lr
 from fr_train.train import engine as eng
+
+if TYPE_CHECKING:
+    from fr_train.checkpointing import RunStart
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -124,7 +127,12 @@ class Trainer:
         data: BatchSource | None = None,
         job_id: str = "local",
         preemption_notice: Callable[[], str | None] | None = None,
+        launch_id: str | None = None,
     ) -> None:
+        """``launch_id``: the same on every start of one launch and on Ray's restarts of its workers,
+        different for the next launch (train_loop: the Ray session and job). A start with the launch id
+        the run directory recorded is a restart: it continues that launch's progress instead of applying
+        checkpoint.resume=never or run.overwrite again. None (tests, scripts): every Trainer is a new start."""
         self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
         self._data_override = data
         # report(metrics, newly committed checkpoint directory or None), on every rank at the same steps
@@ -143,17 +151,55 @@ class Trainer:
         self._notice_handled: str | None = None
         self.run_dir = Path(cfg.run.storage).expanduser() / cfg.run.name
         self.log_path = self.run_dir / "train_log.jsonl"
-        if rank == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.json").write_text(cfg.to_json())
+        # First, before anything is built or written: may this start use the run directory? (A run name
+        # owns its directory: fr_train/checkpointing/rundir.py.)
+        self.start = self._claim_run_directory(launch_id)
         self._build()
         from fr_train.metrics import RunMetrics
 
         self.metrics = RunMetrics(cfg.metrics, cfg.run.name, job_id, rank, world, socket.gethostname(),
                                   checkpoint_interval_s=cfg.checkpoint.every_minutes * 60, device=device)
         self._setup_checkpointing()
+        if rank == 0:  # only now: a resume refused (incompatible checkpoint) leaves the run's config.json alone
+            (self.run_dir / "config.json").write_text(cfg.to_json())
 
     # ------------------------------------------------------------------ construction
+    def _claim_run_directory(self, launch_id: str | None) -> RunStart:
+        """Rank 0 checks the run directory (check_run_directory: refuses with RunDirectoryError) and,
+        when the check passes, carries out what the start asks (--overwrite's deletion); the outcome
+        reaches every rank before any collective of the build, so a refusal stops all ranks at once
+        instead of leaving the others waiting in deepspeed.initialize for a rank 0 that has left."""
+        from fr_train.checkpointing import (
+            RunDirectoryError,
+            RunStart,
+            check_run_directory,
+            claim_run_directory,
+        )
+
+        start: RunStart | None = None
+        failure: Exception | None = None
+        if self.rank == 0:
+            try:
+                start = check_run_directory(self.run_dir, self.cfg, launch_id=launch_id)
+                claim_run_directory(start, launch_id)
+            except Exception as e:  # any failure (storage errors too) must reach the other ranks
+                failure = e
+        if self.world > 1 and dist.is_initialized():
+            refused = isinstance(failure, RunDirectoryError)
+            box: list[Any] = [None if failure is None else (refused, f"{type(failure).__name__}: {failure}"),
+                              None if start is None else start.resume_path]
+            dist.broadcast_object_list(box, src=0)
+            if self.rank != 0:
+                if box[0] is not None:
+                    kind = RunDirectoryError if box[0][0] else RuntimeError
+                    raise kind(f"rank {self.rank}: rank 0 could not start the run: {box[0][1]}")
+                # The others load the checkpoint rank 0 chose (and verified): the same on every rank.
+                start = RunStart(self.run_dir, "never" if box[1] is None else box[1])
+        if failure is not None:
+            raise failure
+        assert start is not None
+        return start
+
     def _build(self) -> None:
         from data_pipeline.dali import DaliConfig, DaliFaceIterator
         from data_pipeline.dataset import open_dataset
@@ -327,7 +373,9 @@ class Trainer:
         self._resume()
 
     def _resume(self) -> None:
-        """checkpoint.resume: auto (the newest valid checkpoint of this run, if any), never, or a path."""
+        """What the start decided (``self.start``, from checkpoint.resume): continue the newest loadable
+        checkpoint of this run (auto), a given checkpoint directory, or nothing (never, or auto with no
+        checkpoint in a fresh directory)."""
         from fr_train.checkpointing import load_checkpoint, restore_rng
         from fr_train.checkpointing.deepspeed_state import (
             LAYOUT_REPLICATED,
@@ -336,23 +384,11 @@ class Trainer:
             optimizer_layout,
         )
 
-        mode = self.cfg.checkpoint.resume
-        if mode == "never":
-            return
-        path: str | None = None
-        if self.rank == 0:
-            if mode == "auto":
-                latest = self.ckpt.latest()  # logs every checkpoint it skips, and why
-                path = None if latest is None else str(latest.path)
-            else:
-                path = mode
-        if self.world > 1 and dist.is_initialized():
-            box = [path]
-            dist.broadcast_object_list(box, src=0)
-            path = box[0]
+        path = self.start.resume_path
         if path is None:
             return
-        ckpt = load_checkpoint(path, hash_files=self.rank == 0)
+        # rank 0 hashed every file of an auto-chosen checkpoint in check_run_directory: not twice
+        ckpt = load_checkpoint(path, hash_files=self.rank == 0 and self.start.resume_from is None)
         ckpt.check_compatible(self.cfg.to_dict(), self.num_classes)
         payload = ckpt.payload_for(self.rank, self.world)
         shared = ckpt.shared()
@@ -637,6 +673,7 @@ class Trainer:
             "backbone": self.cfg.backbone.name, "data_dir": str(self.data_dir),
             "backbone_gflops": round(self.backbone_flops / 1e9, 3),
             "host": socket.gethostname(),
+            "run_directory": self.start.to_json(),  # resumed from, skipped checkpoints, replaced run
         }
         print(f"[fr_train] {self.cfg.backbone.name}: {info['backbone_gflops']} GFLOPs (2 × multiply-adds) forward per "
               f"{self.image_size[0]}x{self.image_size[1]} image; {self.num_classes} classes over {self.world} "

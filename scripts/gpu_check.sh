@@ -34,7 +34,7 @@ status pytest "${PIPESTATUS[0]}"
 
 echo "== 2/3 r50 arcface, 300 steps, synthetic 112x112, DALI mixed"
 train_args=(r50 arcface --set run.storage="$out/runs" --set run.name=gpu-check-r50 --set checkpoint.resume=never
-  --set schedule.max_steps=300 --set data.batch_size=128 --set optimizer.lr=0.1 --set optimizer.base_batch=128
+  --set run.overwrite=true --set schedule.max_steps=300 --set data.batch_size=128 --set optimizer.lr=0.1 --set optimizer.base_batch=128
   --set schedule.warmup_steps=30 --set eval.every_steps=0 --set run.log_every=10 --set run.export_onnx=false
   --set data.cache_dir="$out/cache")
 if [ "$has_ray" = 1 ]; then
@@ -53,7 +53,7 @@ if [ "$has_ray" = 1 ]; then
   "$ray" start --head --node-ip-address 127.0.0.1 --port "$port" --dashboard-host 127.0.0.1 \
     --dashboard-port "$dash" --temp-dir "$tmp" --disable-usage-stats > "$out/ray_start.log" 2>&1
   "$ray" job submit --address "http://127.0.0.1:$dash" -- "$(dirname "$py")/fr_train" r100 vpl --max-steps 50 \
-    --num-workers 1 --storage "$out/runs" --name gpu-check-ray --set checkpoint.resume=never \
+    --num-workers 1 --storage "$out/runs" --name gpu-check-ray --set checkpoint.resume=never --set run.overwrite=true \
     --set data.cache_dir="$out/cache" --set head.vpl_start_iter=10 --set run.log_every=10 \
     --set eval.every_steps=0 --set run.export_onnx=false > "$out/ray_job.log" 2>&1
   status ray "$?"

@@ -285,15 +285,17 @@ def test_only_the_newest_k_checkpoints_are_kept(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000000004", "step_000000005"]
 
 
-def test_resuming_from_an_older_step_sets_the_abandoned_newer_ones_aside(tmp_path: Path) -> None:
-    """After resuming at step 1, the old timeline's step 3 must never be picked as 'latest' again."""
+def test_resuming_from_an_older_step_sets_the_newer_ones_aside(tmp_path: Path) -> None:
+    """After resuming at step 1, the old timeline's steps 2 and 3 must never be picked as 'latest'
+    again, nor be replaced by the new step 2: both move, whole, to set_aside/ (tests/test_run_directory.py)."""
     old = CheckpointManager(tmp_path, keep=5, rank=0, world=1)
     for step in (1, 2, 3):
         _save_small(old, step)
     _save_small(CheckpointManager(tmp_path, keep=5, rank=0, world=1), 2)
     ckpt = find_latest(tmp_path)
     assert ckpt is not None and ckpt.step == 2 and ckpt.meta["session"] != old.session
-    assert any(p.name.startswith("abandoned_step_000000003") for p in tmp_path.iterdir())
+    assert sorted(p.name for p in (tmp_path / "set_aside").iterdir()) == ["step_000000002", "step_000000003"]
+    assert load_checkpoint(tmp_path / "set_aside" / "step_000000002").meta["session"] == old.session
 
 
 def test_save_async_snapshots_the_state_and_orders_the_writes(tmp_path: Path) -> None:

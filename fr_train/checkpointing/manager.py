@@ -6,6 +6,8 @@ Layout of one checkpoint (storage shared by all ranks, e.g. the Ray Train storag
                         backbone.pt                 rank 0's shared payload (consolidated backbone + optimizer)
                         meta.json                   run facts: step, world size, num_classes, config, code version
                         MANIFEST.json               every file's size and sha256, written last
+    ROOT/set_aside/step_…     checkpoints off the run's timeline (unloadable, or newer than the step
+                              the run continued from), moved whole; never deleted or overwritten
 
 Commit protocol (no collective, because the writes run in a background thread while the training
 loop keeps using the process group; collectives from two threads on one group can interleave and
@@ -61,6 +63,10 @@ META_FILE = "meta.json"
 META_REQUIRED = ("epoch", "samples_seen", "num_classes", "config")
 _STEP_DIR = re.compile(r"^step_(\d{9,})$")
 _TMP_DIR = re.compile(r"^\.tmp-step_(\d{9,})-")
+SET_ASIDE_DIR = "set_aside"
+"""Under the checkpoints directory: checkpoints no longer on the run's timeline (unloadable, or newer
+than the step the run continued from), moved here by the commit that would otherwise collide with
+them. fr_train never deletes or overwrites anything in it (``--overwrite`` aside, when the user asks)."""
 
 
 def step_dir_name(step: int) -> str:
@@ -167,17 +173,73 @@ def committed_steps(root: Path) -> list[tuple[int, Path]]:
     return sorted(found, reverse=True)
 
 
+@dataclass(frozen=True)
+class Unloadable:
+    """A ``step_*`` directory that cannot be loaded, and why (the file and the problem)."""
+
+    step: int
+    path: Path
+    reason: str
+
+
+@dataclass
+class CheckpointSurvey:
+    """What a resume finds under a checkpoints directory: the newest loadable checkpoint (None when
+    there is none) and every newer one that could not be loaded, newest first. When none is loadable,
+    ``unloadable`` lists them all: the reasons a refusal to start must give."""
+
+    root: Path
+    latest: LoadedCheckpoint | None
+    unloadable: list[Unloadable]
+
+    @property
+    def found_any(self) -> bool:
+        return self.latest is not None or bool(self.unloadable)
+
+
+def survey_checkpoints(root: str | Path) -> CheckpointSurvey:
+    """Verify the ``step_*`` directories under ``root`` newest first, up to the first loadable one.
+    Reads only; nothing is moved or deleted. Why it stops there: verifying hashes every file (GBs
+    for a large head), and older checkpoints play no part in a resume once a newer one loads."""
+    root = Path(root)
+    unloadable: list[Unloadable] = []
+    for step, path in committed_steps(root):
+        try:
+            return CheckpointSurvey(root, load_checkpoint(path), unloadable)
+        except (CorruptCheckpointError, OSError, ValueError, KeyError, TypeError) as e:
+            unloadable.append(Unloadable(step, path, str(e)))
+    return CheckpointSurvey(root, None, unloadable)
+
+
+def log_survey(survey: CheckpointSurvey) -> None:
+    """One warning per unloadable checkpoint, saying truthfully what the resume does instead: the
+    older checkpoint it falls back to, or that none is loadable."""
+    for bad in survey.unloadable:
+        if survey.latest is not None:
+            log.warning("checkpoint step %d skipped (cannot be loaded): %s; the newest loadable checkpoint is "
+                        "the older step %d; %s is left in place until this run commits its next checkpoint, "
+                        "then moved to %s (never deleted or overwritten by fr_train)", bad.step, bad.reason,
+                        survey.latest.step, bad.path, survey.root / SET_ASIDE_DIR)
+        else:
+            log.warning("checkpoint step %d skipped (cannot be loaded): %s; no checkpoint under %s can be loaded",
+                        bad.step, bad.reason, survey.root)
+
+
 def find_latest(root: str | Path) -> LoadedCheckpoint | None:
     """The newest checkpoint under ``root`` whose manifest verifies. Every one skipped is logged with
     the file and the reason, so a fallback to an older step is never silent."""
-    for step, path in committed_steps(Path(root)):
-        try:
-            ckpt = load_checkpoint(path)
-        except (CorruptCheckpointError, OSError, ValueError, KeyError) as e:
-            log.warning("checkpoint step %d skipped, falling back to an older one: %s", step, e)
-            continue
-        return ckpt
-    return None
+    survey = survey_checkpoints(root)
+    log_survey(survey)
+    return survey.latest
+
+
+def set_aside_checkpoints(root: str | Path) -> list[Path]:
+    """Checkpoints moved out of the way by earlier runs (``set_aside/*``, and ``abandoned_step_*``
+    written by fr_train before issue 14), oldest first: kept for the user, who alone deletes them."""
+    root = Path(root)
+    found = list((root / SET_ASIDE_DIR).glob("step_*")) if (root / SET_ASIDE_DIR).is_dir() else []
+    found += [p for p in root.glob("abandoned_step_*") if p.is_dir()] if root.is_dir() else []
+    return sorted(found, key=lambda p: p.stat().st_mtime)
 
 
 @dataclass
@@ -326,15 +388,11 @@ class CheckpointManager:
         write_manifest(tmp, step, files)  # last: the checkpoint exists from here on
         fsync_dir(tmp)
         final = self.root / step_dir_name(step)
-        self._set_aside_newer(step)
-        trash = None
-        if final.exists():  # an earlier attempt's step_<step> (e.g. the corrupt one we fell back from)
-            trash = self.root / f".trash-{final.name}-{self.session}"
-            os.replace(final, trash)
+        self._set_aside_off_timeline(step)
+        # A directory left at ``final`` (a race we do not expect) makes this rename fail instead of
+        # replacing it: a commit never overwrites a checkpoint.
         os.replace(tmp, final)
         fsync_dir(self.root)
-        if trash is not None:
-            shutil.rmtree(trash, ignore_errors=True)
         self._prune(step)
         return sum(e.size for name, e in files.items() if name in (SHARED_FILE, META_FILE))
 
@@ -359,15 +417,29 @@ class CheckpointManager:
                                    "the checkpoint is not committed")
             time.sleep(self.poll_s)
 
-    def _set_aside_newer(self, step: int) -> None:
-        """Checkpoints newer than the one being committed belong to an abandoned timeline (the run was
-        resumed from an older step): renamed so ``find_latest`` never resumes them."""
-        for s, path in committed_steps(self.root):
-            if s > step:
-                target = self.root / f"abandoned_{path.name}_{self.session}"
-                log.warning("checkpoint %s is newer than the step %d being saved (the run resumed from an older "
-                            "checkpoint): moved to %s", path, step, target)
-                os.replace(path, target)
+    def _set_aside_off_timeline(self, step: int) -> None:
+        """Checkpoints at or after the step being committed are not on this run's timeline: the run
+        continued from an older checkpoint, because these could not be loaded or because --resume named
+        an older one. Left where they are, ``find_latest`` could later resume them (jumping back to the
+        old timeline), and the commit of the same step would replace one. So they move, whole and
+        untouched, to ``SET_ASIDE_DIR``, under their own name (plus this session's token when that
+        name is taken): fr_train never deletes or overwrites them there. They are rare by design: a
+        restart resumes the newest loadable checkpoint, so only damage or an explicit older --resume
+        puts one there; the Trainer reports their number and size at every start."""
+        newer = [path for s, path in committed_steps(self.root) if s >= step]
+        if not newer:
+            return
+        aside = self.root / SET_ASIDE_DIR
+        aside.mkdir(exist_ok=True)
+        for path in newer:
+            target = aside / path.name
+            if target.exists():
+                target = aside / f"{path.name}-{self.session}"
+            log.warning("checkpoint %s is not on this run's timeline (the run continued from an older checkpoint "
+                        "before step %d: it could not be loaded, or --resume named an older one): moved to %s; "
+                        "fr_train never deletes it: remove it when you no longer need it", path, step, target)
+            os.rename(path, target)  # rename, not replace: never onto an existing directory
+        fsync_dir(aside)
 
     def _prune(self, step: int) -> None:
         kept = 0
@@ -379,6 +451,7 @@ class CheckpointManager:
                 shutil.rmtree(path, ignore_errors=True)
         for path in self.root.iterdir():
             m = _TMP_DIR.match(path.name)
+            # .trash-*: a replaced checkpoint fr_train versions before issue 14 had begun to delete
             if (m and int(m.group(1)) <= step and path.name != self.tmp_dir(step).name) or \
                     path.name.startswith(".trash-"):
                 shutil.rmtree(path, ignore_errors=True)
