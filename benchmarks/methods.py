@@ -2,7 +2,7 @@
 
 Same backbone, data, steps, optimizer and seeds for every preset; only the method differs (its
 preset's hyperparameters, except VPL's start iteration, scaled to the run length). Each run is the
-real training loop (fr_train.worker.Trainer: DALI CPU decode, DeepSpeed, the sharded head) in one
+real training loop (fr_train.train.trainer.Trainer: DALI CPU decode, DeepSpeed, the sharded head) in one
 process; the table gives the mean ± std over seeds of the 10-fold verification accuracy and
 TAR@FAR=1e-3 on the held-out identities of synth_val.bin, with the raw-pixel baseline of the same
 pairs. Prints a table and JSON.
@@ -48,7 +48,7 @@ def recipe(args: argparse.Namespace, seed: int, storage: Path, name: str) -> lis
 def run_one(method: str, seed: int, args: argparse.Namespace, storage: Path, backbone: str | None = None,
             name: str | None = None) -> dict[str, Any]:
     from cluster.launch import prepare_data
-    from fr_train.worker import Trainer
+    from fr_train.train.trainer import Trainer
 
     extra = [f"distill.teacher={args.teacher}"] if method == "distill" else []
     cfg = build_config(backbone or args.backbone, method,

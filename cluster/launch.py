@@ -8,7 +8,6 @@ on the driver, before any worker starts, so workers never race to create files.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -229,8 +228,10 @@ def root_cause(error: BaseException | None) -> str:
 
 def summarize_run(run_dir: Path) -> str:
     """One line on how the run ended, from rank 0's JSON-lines log."""
-    log = run_dir / "train_log.jsonl"
-    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.is_file() else []
+    from fr_train.train.records import LOG_NAME, read_events
+
+    log = run_dir / LOG_NAME
+    records = read_events(run_dir)
     evals = [r for r in records if r.get("event") == "eval"]
     end = next((r for r in reversed(records) if r.get("event") == "end"), None)
     if end is None:

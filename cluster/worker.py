@@ -1,7 +1,7 @@
 """The Ray Train entry of one worker: device, distributed facts, checkpoint reporting, Ray's
 preemption notice, SIGTERM, and which errors end the run instead of restarting it.
 
-Everything here knows Ray; the Trainer it runs (fr_train/worker.py) does not.
+Everything here knows Ray; the Trainer it runs (fr_train/train/trainer.py) does not.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 
 from cluster.failures import is_retryable, nonfinite_again, read_fatal, record_fatal
 from fr_train.config import TrainConfig
-from fr_train.worker import NonFiniteLossError, Trainer
+from fr_train.train.trainer import NonFiniteLossError, Trainer
 
 
 class StoppedEarly(RuntimeError):

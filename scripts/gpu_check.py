@@ -44,7 +44,7 @@ def train(out: Path, args: list[str]) -> int:
 
     from cluster.launch import prepare_data
     from fr_train.config import build_config
-    from fr_train.worker import Trainer
+    from fr_train.train.trainer import Trainer
 
     backbone, method, *rest = args
     overrides = [rest[i + 1] for i in range(len(rest)) if rest[i] == "--set"]

@@ -6,7 +6,7 @@ import pytest
 
 from fr_train.cli import build_parser, config_from_args, main
 from fr_train.config import METHODS, ConfigError, TrainConfig, build_config, valid_keys
-from fr_train.schedule import PolySchedule, scaled_lr
+from fr_train.train.schedule import PolySchedule, scaled_lr
 
 
 def test_every_method_preset_builds_and_sets_the_head():

@@ -135,7 +135,7 @@ def _tiny_config(tmp: Path, cache: Path, name: str, *extra: str) -> dict:
 
 def _fit(rank: int, world: int, cfg_dict: dict, stop_after: int) -> dict:
     from fr_train.config import TrainConfig
-    from fr_train.worker import Trainer
+    from fr_train.train.trainer import Trainer
 
     trainer = Trainer(TrainConfig.from_dict(cfg_dict), rank, world, torch.device("cpu"))
     if stop_after:  # a stop request on the last rank during step `stop_after` (as a SIGTERM would)

@@ -47,7 +47,7 @@ def test_low_precision_head_on_cuda_matches_the_float64_reference(storage: torch
 
 def _train_on_gpu(rank: int, world: int, cfg_dict: dict) -> dict:
     from fr_train.config import TrainConfig
-    from fr_train.worker import Trainer
+    from fr_train.train.trainer import Trainer
 
     trainer = Trainer(TrainConfig.from_dict(cfg_dict), rank, world, torch.device("cuda", rank))
     trainer.fit()

@@ -18,7 +18,7 @@ def _losses_per_method(rank: int, world: int, cfg_dict: dict, images: torch.Tens
                        methods: list[str], steps: int, teacher: str) -> dict[str, list[float]]:
     from fr_train.config import METHODS as presets
     from fr_train.config import TrainConfig, set_value
-    from fr_train.worker import Trainer
+    from fr_train.train.trainer import Trainer
 
     out = {}
     for method in methods:

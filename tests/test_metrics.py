@@ -361,7 +361,7 @@ def test_a_nan_loss_is_exported_as_nan_so_the_alert_can_see_it() -> None:
 
 def _train_pushing(rank: int, world: int, cfg_dict: dict) -> int:
     from fr_train.config import TrainConfig
-    from fr_train.worker import Trainer
+    from fr_train.train.trainer import Trainer
 
     trainer = Trainer(TrainConfig.from_dict(cfg_dict), rank, world, torch.device("cpu"), job_id="fr-train-job")
     trainer.fit()

@@ -17,7 +17,7 @@ from tests.test_train_e2e import SYNTH
 
 def _losses(rank: int, world: int, cfg_dict: dict, stop_after: int) -> list[tuple[int, float]]:
     from fr_train.config import TrainConfig
-    from fr_train.worker import Trainer
+    from fr_train.train.trainer import Trainer
 
     trainer = Trainer(TrainConfig.from_dict(cfg_dict), rank, world, torch.device("cpu"))
     if stop_after:  # a preemption notice arriving on rank 1 only, during step `stop_after`

@@ -74,7 +74,7 @@ def _finished_run(storage: Path, name: str = "r1") -> Path:
 
 def _new_trainer(cfg: TrainConfig) -> Any:
     """The real Trainer at rank 0 of 1 on CPU: it checks the run directory before it builds anything."""
-    from fr_train.worker import Trainer
+    from fr_train.train.trainer import Trainer
 
     return Trainer(cfg, 0, 1, torch.device("cpu"))
 
@@ -105,7 +105,7 @@ def test_auto_refuses_when_no_checkpoint_loads_listing_each_and_touches_nothing(
 
 
 def _refused_start(rank: int, world: int, cfg_dict: dict[str, Any]) -> str:
-    from fr_train.worker import Trainer
+    from fr_train.train.trainer import Trainer
 
     try:
         Trainer(TrainConfig.from_dict(cfg_dict), rank, world, torch.device("cpu"))
@@ -274,7 +274,7 @@ def test_overwrite_flag_sets_run_overwrite_and_means_a_new_run() -> None:
 def _starts_of_one_run(rank: int, world: int, cfg_dict: dict[str, Any]) -> dict[str, Any]:
     """Four starts of run "r" in one process (one DeepSpeed import): fresh; auto over a damaged newest
     checkpoint; a new run without and then with --overwrite."""
-    from fr_train.worker import Trainer
+    from fr_train.train.trainer import Trainer
 
     def start(**changes: Any) -> Any:
         cfg = TrainConfig.from_dict(cfg_dict)

@@ -177,7 +177,7 @@ def _real_images(data_dir: Path, n: int) -> tuple[torch.Tensor, torch.Tensor]:
 def fit_on_same_global_batches(cfg: Any, rank: int, world: int, images: torch.Tensor, labels: torch.Tensor,
                                steps: int, global_batch: int) -> Any:
     """A finished Trainer of `steps` steps fed the same global batches at any world size."""
-    from fr_train.worker import Trainer
+    from fr_train.train.trainer import Trainer
 
     cfg.data.batch_size = global_batch // world
     data = _SameGlobalBatches(images, labels, steps, global_batch, rank, world)
@@ -207,7 +207,7 @@ def _first_step_gradient(rank: int, world: int, cfg_dict: dict, images: torch.Te
     (`grad_accum` micro-batches), BatchNorm in eval mode so that per-rank or per-micro-batch
     batch statistics play no part; the optimizers are held back to keep the gradients."""
     from fr_train.config import TrainConfig
-    from fr_train.worker import StepTimes, Trainer
+    from fr_train.train.trainer import StepTimes, Trainer
 
     cfg = TrainConfig.from_dict(cfg_dict)
     cfg.run.grad_accum = grad_accum

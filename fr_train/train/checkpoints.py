@@ -1,0 +1,208 @@
+"""The Trainer's checkpoint side: may this start use the run directory, resume from what it
+chose, save (every rank its shard; rank 0 the backbone and its optimizer), the preemption notice,
+and which committed checkpoint to report.
+
+A mixin of Trainer (fr_train/train/trainer.py), kept apart so the loop reads top to bottom; it
+uses the trainer's cfg, rank, world, engine, head, distill, data, state, metrics and run_dir.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch.distributed as dist
+
+from fr_train.train.components import seed_everything
+
+if TYPE_CHECKING:
+    from fr_train.checkpointing import RunStart
+
+
+class CheckpointingMixin:
+    def _claim_run_directory(self, launch_id: str | None) -> RunStart:
+        """Rank 0 checks the run directory (check_run_directory: refuses with RunDirectoryError) and,
+        when the check passes, carries out what the start asks (--overwrite's deletion); the outcome
+        reaches every rank before any collective of the build, so a refusal stops all ranks at once
+        instead of leaving the others waiting in deepspeed.initialize for a rank 0 that has left."""
+        from fr_train.checkpointing import (
+            RunDirectoryError,
+            RunStart,
+            check_run_directory,
+            claim_run_directory,
+        )
+
+        start: RunStart | None = None
+        failure: Exception | None = None
+        if self.rank == 0:
+            try:
+                start = check_run_directory(self.run_dir, self.cfg, launch_id=launch_id)
+                claim_run_directory(start, launch_id)
+            except Exception as e:  # any failure (storage errors too) must reach the other ranks
+                failure = e
+        if self.world > 1 and dist.is_initialized():
+            refused = isinstance(failure, RunDirectoryError)
+            box: list[Any] = [None if failure is None else (refused, f"{type(failure).__name__}: {failure}"),
+                              None if start is None else start.resume_path]
+            dist.broadcast_object_list(box, src=0)
+            if self.rank != 0:
+                if box[0] is not None:
+                    kind = RunDirectoryError if box[0][0] else RuntimeError
+                    raise kind(f"rank {self.rank}: rank 0 could not start the run: {box[0][1]}")
+                # The others load the checkpoint rank 0 chose (and verified): the same on every rank.
+                start = RunStart(self.run_dir, "never" if box[1] is None else box[1])
+        if failure is not None:
+            raise failure
+        assert start is not None
+        return start
+
+    def _setup_checkpointing(self) -> None:
+        from fr_train.checkpointing import CheckpointManager, SavePolicy, broadcast_session_token
+
+        c = self.cfg.checkpoint
+        distributed = self.world > 1 and dist.is_initialized()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        session = broadcast_session_token() if distributed else None
+        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", c.keep, self.rank, self.world, session=session)
+        self.save_policy = SavePolicy(c.every_steps, c.every_minutes)
+        self.last_saved_step = -1
+        self.resumed_from: str | None = None
+        self._resume()
+
+    def _resume(self) -> None:
+        """What the start decided (``self.start``, from checkpoint.resume): continue the newest loadable
+        checkpoint of this run (auto), a given checkpoint directory, or nothing (never, or auto with no
+        checkpoint in a fresh directory)."""
+        from fr_train.checkpointing import load_checkpoint, restore_rng
+        from fr_train.checkpointing.deepspeed_state import (
+            LAYOUT_REPLICATED,
+            load_consolidated_state,
+            load_optimizer_state,
+            optimizer_layout,
+        )
+
+        path = self.start.resume_path
+        if path is None:
+            return
+        # rank 0 hashed every file of an auto-chosen checkpoint in check_run_directory: not twice
+        ckpt = load_checkpoint(path, hash_files=self.rank == 0 and self.start.resume_from is None)
+        ckpt.check_compatible(self.cfg.to_dict(), self.num_classes)
+        payload = ckpt.payload_for(self.rank, self.world)
+        shared = ckpt.shared()
+        if shared is None:
+            raise ValueError(f"{path}: has no backbone.pt; it is not a checkpoint of a training run")
+        self.engine.module.load_state_dict(shared["backbone"])
+        layout = optimizer_layout(self.engine)
+        saved_layout = ckpt.meta.get("backbone_optimizer_layout", LAYOUT_REPLICATED)
+        if saved_layout != layout:
+            raise ValueError(f"{path}: the backbone optimizer state was saved {saved_layout}, this run's is {layout}: "
+                             "resume with the run.zero_stage (0 vs 1/2) and run.precision the checkpoint was written with")
+        if layout == LAYOUT_REPLICATED:
+            load_optimizer_state(self.engine, shared["optimizer"])
+        elif ckpt.world_size == self.world:  # this rank's own ZeRO slice: exact
+            load_optimizer_state(self.engine, payload["backbone_optimizer"])
+        else:  # another data-parallel size: scatter the consolidated state into this partitioning
+            load_consolidated_state(self.engine, shared["optimizer_consolidated"], str(path))
+        if self.distill is not None and shared.get("distill") is not None:
+            self.distill.load_state_dict(shared["distill"])  # the FPR thresholds
+        self.head.load_state_dict(payload["head"])
+        train = payload["train"]
+        self.state.step, self.state.epoch, self.state.samples_seen = train["step"], train["epoch"], train["samples_seen"]
+        self.state.epoch_samples = int(train.get("epoch_samples", 0))
+        data_state, load_data = payload.get("data"), getattr(self.data, "load_state_dict", None)
+        if data_state is not None and load_data is not None:
+            load_data(data_state)  # the exact reader position (same world size)
+        else:
+            self._skip_to(self.state.epoch_samples)
+        if payload.get("rng") is not None:
+            restore_rng(payload["rng"])
+        else:  # another world size: a fresh, deterministic stream per rank; the data skips ahead (_skip_to)
+            seed_everything(self.cfg.run.seed + 1_000_003 * self.state.step + self.rank)
+        self.last_saved_step = self.state.step
+        self.resumed_from = path
+        self.metrics.mark_resume()
+        if self.rank == 0:
+            print(f"[fr_train] resumed from {path} at step {self.state.step} (epoch {self.state.epoch}, "
+                  f"saved by {ckpt.world_size} rank(s), now {self.world})", flush=True)
+
+    def save_checkpoint(self, sync: bool = False) -> None:
+        """Every rank writes its shard (head, data position, RNG); rank 0 adds the backbone and its
+        optimizer. Asynchronous unless `sync`: the step waits only for the copy to host memory."""
+        from fr_train.checkpointing import capture_rng
+        from fr_train.checkpointing.deepspeed_state import (
+            LAYOUT_PARTITIONED,
+            consolidated_state,
+            optimizer_layout,
+            portable_optimizer_state,
+        )
+
+        st = self.state
+        if st.step == self.last_saved_step:
+            return
+        state_fn = getattr(self.data, "state_dict", None)
+        payload = {"train": {"step": st.step, "epoch": st.epoch, "samples_seen": st.samples_seen,
+                             "epoch_samples": st.epoch_samples},
+                   "head": self.head.state_dict(), "data": state_fn() if state_fn is not None else None,
+                   "rng": capture_rng()}
+        # ZeRO 1/2: every rank saves its slice of the backbone optimizer; else rank 0 saves the whole.
+        layout = optimizer_layout(self.engine)
+        partitioned = layout == LAYOUT_PARTITIONED
+        payload["backbone_optimizer"] = portable_optimizer_state(self.engine) if partitioned else None
+        consolidated = consolidated_state(self.engine)  # a collective under ZeRO (every rank), else None
+        shared = meta = None
+        if self.rank == 0:
+            shared = {"backbone": self.engine.module.state_dict(),
+                      "optimizer": None if partitioned else portable_optimizer_state(self.engine),
+                      "optimizer_consolidated": consolidated,  # for a resume on another world size
+                      "distill": None if self.distill is None else self.distill.state_dict()}
+            meta = {"epoch": st.epoch, "samples_seen": st.samples_seen, "num_classes": self.num_classes,
+                    "config": self.cfg.to_dict(), "backbone_optimizer_layout": layout}
+        t0 = time.perf_counter()
+        save = self.ckpt.save if sync else self.ckpt.save_async
+        save(st.step, payload, shared, meta, private_payload=True)
+        stall = time.perf_counter() - t0
+        self.save_policy.saved()
+        self.last_saved_step = st.step
+        timing = self.ckpt.last_timing
+        self.metrics.observe_checkpoint(write_s=timing.write if timing is not None and sync else stall,
+                                        stall_s=stall, ok=True)
+
+    def _preempted(self) -> bool:
+        """A new preemption notice at this step (every checkpoint.preemption_poll_steps steps)."""
+        poll = self.cfg.checkpoint.preemption_poll_steps
+        if self.preemption_notice is None or not poll or self.state.step % poll:
+            return False
+        notice = self.preemption_notice()
+        if notice is None or notice == self._notice_handled:
+            return False
+        self._notice_handled = notice
+        self.metrics.mark_preemption()
+        if self.rank == 0:
+            print(f"[fr_train] preemption notice at step {self.state.step}: {notice}; checkpointing now, "
+                  "training goes on until the node is reclaimed", flush=True)
+        return True
+
+    def _checkpoint_to_report(self) -> Path | None:
+        """On rank 0, the newest checkpoint once it is committed (its manifest is in place), once."""
+        from fr_train.checkpointing.files import MANIFEST
+        from fr_train.checkpointing.manager import step_dir_name
+
+        if self.rank != 0 or self.last_saved_step in (-1, self._reported_step):
+            return None
+        path = self.ckpt.root / step_dir_name(self.last_saved_step)
+        if not (path / MANIFEST).is_file():
+            return None  # still being written in the background: the next report carries it
+        self._reported_step = self.last_saved_step
+        return path
+
+    def _skip_to(self, epoch_samples: int) -> None:
+        """Resume without the reader's own state (another world size, or a source that has none):
+        the epoch restarts and its first ``epoch_samples`` global samples are skipped, in whole
+        global micro-batches of data.batch_size × world."""
+        per_batch = self.cfg.data.batch_size * self.world
+        self._skip_batches = epoch_samples // per_batch
+        if epoch_samples % per_batch and self.rank == 0:
+            print(f"[fr_train] resume: {epoch_samples} samples into epoch {self.state.epoch} is not a whole number "
+                  f"of global batches of {per_batch}; skipping {self._skip_batches * per_batch} "
+                  f"({epoch_samples % per_batch} samples are seen again)", flush=True)

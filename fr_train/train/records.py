@@ -1,0 +1,119 @@
+"""One step record and where it goes: ``train_log.jsonl`` (rank 0), the console line and progress
+bar (rank 0), the Prometheus metrics (every rank) and the caller's report (cluster/worker.py plugs
+in Ray's). The JSON-lines log is written by :func:`append_event` and read back by
+:func:`read_events` (the run summary), so its schema has one home: events ``start``, ``train``,
+``eval``, ``end``.
+
+``RecordsMixin`` is a mixin of Trainer (fr_train/train/trainer.py); it uses the trainer's cfg,
+rank, world, engine, head, distill, state, schedule, metrics, format and log_path.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from fr_train.train import engine as eng
+from fr_train.train.state import StepTimes
+
+LOG_NAME = "train_log.jsonl"
+
+
+def append_event(path: Path, event: dict[str, Any]) -> None:
+    """One JSON line; lines are appended whole (one write), readers skip blank lines."""
+    with Path(path).open("a") as f:
+        f.write(json.dumps(event) + "\n")
+
+
+def read_events(run_dir: Path) -> list[dict[str, Any]]:
+    """Every event of a run's log, in order ([] when there is none yet)."""
+    path = Path(run_dir) / LOG_NAME
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class RecordsMixin:
+    def _observe(self, loss: float, times: StepTimes) -> None:
+        step_s = max(times.total, 1e-9)
+        grad_norm = self.engine.get_global_grad_norm()
+        injected = getattr(self.head, "last_vpl_injected", None)
+        sampled = getattr(self.head, "last_sampled_classes", None)
+        self.metrics.observe_step(
+            step=self.state.step, epoch=self.state.epoch, loss=loss, lr=self.schedule.lr(max(self.state.step - 1, 0)),
+            images_per_s_rank=self.cfg.data.batch_size / step_s, images_per_s_global=self.global_batch / step_s,
+            samples_seen=self.state.samples_seen, data_s=times.data, forward_s=times.forward,
+            backward_s=times.backward, optimizer_s=times.optimizer, step_s=step_s,
+            grad_norm=None if grad_norm is None else float(grad_norm),
+            loss_scale=eng.loss_scale(self.engine, self.format) if self.precision == "fp16" else None,
+            skipped_steps=int(self.engine.skipped_steps),
+            sampled_classes=None if sampled is None else sampled.numel(),
+            vpl_injected_fraction=None if injected is None else float(injected),
+        )
+
+    def _record(self, loss: float, times: StepTimes, images_per_s: float) -> dict[str, Any]:
+        rec = {
+            "time": round(time.time(), 3),
+            "step": self.state.step,
+            "epoch": self.state.epoch,
+            "loss": loss,  # full precision: resumed runs are compared bitwise
+            "lr": self.schedule.lr(self.state.step - 1),
+            "images_per_s": round(images_per_s, 2),
+            "step_time_s": round(times.total, 4),
+            "data_s": round(times.data, 4),
+            "forward_s": round(times.forward, 4),
+            "backward_s": round(times.backward, 4),
+            "optimizer_s": round(times.optimizer, 4),
+            "samples_seen": self.state.samples_seen,
+            "peak_memory_gib": round(eng.peak_memory_bytes(self.device) / 2**30, 3),
+        }
+        bias = getattr(self.head, "unified_bias", None)  # BCE / USS: the learned unified threshold
+        if bias is not None:
+            rec["unified_threshold"] = round(float(bias.detach().sum()) / self.cfg.head.s, 6)  # on the cosine scale
+        if self.distill is not None:
+            rec.update({f"distill_{k}": round(v, 6) for k, v in self.distill.last_terms.items()})
+        remaining = self.total_steps - self.state.step
+        rec["eta_s"] = round(remaining * self.global_batch / max(images_per_s, 1e-9), 1)
+        self.state.history.append(rec)
+        return rec
+
+    def _emit(self, record: dict[str, Any], progress: Any) -> None:
+        if self.rank == 0:
+            append_event(self.log_path, {"event": "train", **record})
+            print(f"[fr_train] step {record['step']}/{self.total_steps} loss {record['loss']:.4f} "
+                  f"lr {record['lr']:.4g} {record['images_per_s']:.1f} img/s eta {record['eta_s']:.0f}s",
+                  flush=True)
+            if progress is not None:
+                progress.update(record["step"] - progress.n)
+                progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.3g}",
+                                     ips=f"{record['images_per_s']:.0f}")
+        self.report({k: v for k, v in record.items() if isinstance(v, int | float)}, self._checkpoint_to_report())
+
+    def _progress_bar(self) -> Any:
+        if self.rank != 0:
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=self.total_steps, desc=f"fr_train {self.cfg.run.name}", unit="step",
+                    mininterval=5.0, dynamic_ncols=True)
+
+    def _log_start(self) -> None:
+        if self.rank != 0:
+            return
+        info = {
+            "event": "start", "time": round(time.time(), 3), "run": self.cfg.run.name, "world_size": self.world, "device": str(self.device),
+            "precision": self.precision, "channels_last": self.format.channels_last, "num_classes": self.num_classes, "steps_per_epoch": self.steps_per_epoch,
+            "total_steps": self.total_steps, "global_batch": self.global_batch, "base_lr": self.schedule.base_lr,
+            "backbone": self.cfg.backbone.name, "data_dir": str(self.data_dir),
+            "backbone_gflops": round(self.backbone_flops / 1e9, 3),
+            "host": socket.gethostname(),
+            "run_directory": self.start.to_json(),  # resumed from, skipped checkpoints, replaced run
+        }
+        print(f"[fr_train] {self.cfg.backbone.name}: {info['backbone_gflops']} GFLOPs (2 × multiply-adds) forward per "
+              f"{self.image_size[0]}x{self.image_size[1]} image; {self.num_classes} classes over {self.world} "
+              f"rank(s); global batch {self.global_batch}; {self.total_steps} steps; {self.precision}"
+              f"{', channels_last' if self.format.channels_last else ''} on {self.device.type}", flush=True)
+        append_event(self.log_path, info)

@@ -1,0 +1,360 @@
+"""The training loop of one rank: data → backbone (DeepSpeed, data-parallel) → sharded head → step.
+
+`Trainer` knows nothing of Ray (torch.distributed already initialised, or a single process), so
+tests drive it directly; cluster/worker.py is the Ray Train entry that runs it on every worker.
+
+Gradient contract (see fr_train/heads): the head returns the GLOBAL mean loss, identical on
+every rank, and back-propagates into each rank's embeddings exactly d(global loss)/d(local
+embeddings). The backbone gradient of rank r is then rank r's share of the full gradient; the
+shares sum to d(global loss)/dθ. DeepSpeed AVERAGES gradients over the W data-parallel ranks,
+so the embeddings enter the head through `scale_backbone_grad(·, W)` (identity forward, ×W
+backward, the head's own gradients untouched): after averaging, every rank holds exactly
+d(global mean loss)/dθ, the same objective as one process on the whole global batch.
+"""
+
+from __future__ import annotations
+
+import math
+import socket
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from fr_train.config import TrainConfig
+from fr_train.heads import scale_backbone_grad
+from fr_train.train import engine as eng
+from fr_train.train.checkpoints import CheckpointingMixin
+from fr_train.train.components import build_distillation, build_head, load_eval_sets, seed_everything
+from fr_train.train.records import LOG_NAME, RecordsMixin, append_event
+from fr_train.train.schedule import PolySchedule, scaled_lr
+from fr_train.train.state import BatchSource, StepTimes, TrainState
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN/inf; raised on every rank together (the loss is the same everywhere).
+    ``step`` is the step it happened at: the same step again after a restart is not a transient."""
+
+    def __init__(self, message: str, step: int) -> None:
+        super().__init__(message)
+        self.step = step
+
+
+class Trainer(CheckpointingMixin, RecordsMixin):
+    """Owns one rank's data iterator, DeepSpeed engine, sharded head and its optimizer."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        rank: int,
+        world: int,
+        device: torch.device,
+        report: Callable[[dict[str, Any], Path | None], None] | None = None,
+        data: BatchSource | None = None,
+        job_id: str = "local",
+        preemption_notice: Callable[[], str | None] | None = None,
+        launch_id: str | None = None,
+    ) -> None:
+        """``launch_id``: the same on every start of one launch and on Ray's restarts of its workers,
+        different for the next launch (train_loop: the Ray session and job). A start with the launch id
+        the run directory recorded is a restart: it continues that launch's progress instead of applying
+        checkpoint.resume=never or run.overwrite again. None (tests, scripts): every Trainer is a new start."""
+        self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
+        self._data_override = data
+        # report(metrics, newly committed checkpoint directory or None), on every rank at the same steps
+        self.report = report or (lambda metrics, checkpoint: None)
+        self._reported_step = -1
+        # Precision, memory format and input dtype: decided once, the same way on every device.
+        self.format = eng.resolve_format(cfg.run.precision, cfg.run.channels_last, eng.DeviceFacts.of(device))
+        self.precision = self.format.precision
+        self.state = TrainState()
+        self.stop_requested = False
+        self.external_stop: Callable[[], bool] = lambda: False  # e.g. a deferred SIGTERM (cluster.preemption)
+        self._skip_batches = 0
+        # Asked on every rank at the same steps (Ray's query is a barrier); returns a description of
+        # the notice, the same on all ranks, or None.
+        self.preemption_notice = preemption_notice
+        self._notice_handled: str | None = None
+        self.run_dir = Path(cfg.run.storage).expanduser() / cfg.run.name
+        self.log_path = self.run_dir / LOG_NAME
+        # First, before anything is built or written: may this start use the run directory? (A run name
+        # owns its directory: fr_train/checkpointing/rundir.py.)
+        self.start = self._claim_run_directory(launch_id)
+        self._build()
+        from fr_train.metrics import RunMetrics
+
+        self.metrics = RunMetrics(cfg.metrics, cfg.run.name, job_id, rank, world, socket.gethostname(),
+                                  checkpoint_interval_s=cfg.checkpoint.every_minutes * 60, device=device)
+        self._setup_checkpointing()
+        if rank == 0:  # only now: a resume refused (incompatible checkpoint) leaves the run's config.json alone
+            (self.run_dir / "config.json").write_text(cfg.to_json())
+
+    # ------------------------------------------------------------------ construction
+    def _build(self) -> None:
+        from data_pipeline.dali import DaliConfig, DaliFaceIterator
+        from data_pipeline.dataset import open_dataset
+        from fr_train.backbones import build_backbone
+        from fr_train.backbones.flops import count_flops
+
+        cfg = self.cfg
+        data_dir = Path(cfg.data.path or "")
+        dataset = open_dataset(data_dir)
+        decode_on_gpu = self.device.type == "cuda"  # DALI `mixed` decoding where there is a GPU
+        self.num_classes = dataset.num_classes
+        self.image_size = dataset.image_size
+        dali = DaliConfig(
+            batch_size=cfg.data.batch_size,
+            last_batch=cfg.data.last_batch,
+            device="gpu" if decode_on_gpu else "cpu",
+            device_id=self.device.index if decode_on_gpu else None,
+            dtype=self.format.loader_dtype(decode_on_gpu),
+            num_threads=cfg.data.num_threads,
+            seed=cfg.run.seed,
+            initial_fill=cfg.data.shuffle_buffer,
+        )
+        if self._data_override is not None:
+            self.data: BatchSource = self._data_override
+        elif cfg.data.sampler == "pk":
+            from data_pipeline.pk_sampler import PKFaceIterator
+
+            self.data = PKFaceIterator(data_dir, dali, k=cfg.data.pk_images_per_identity, rank=self.rank,
+                                       world_size=self.world)
+        else:
+            self.data = DaliFaceIterator(data_dir, dali, rank=self.rank, world_size=self.world)
+        self.steps_per_epoch = len(self.data) // cfg.run.grad_accum
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"data.batch_size={cfg.data.batch_size} × {self.world} ranks × run.grad_accum="
+                f"{cfg.run.grad_accum} is larger than the dataset {data_dir} ({len(dataset)} images): "
+                "lower data.batch_size or run.grad_accum"
+            )
+        self.total_steps = cfg.schedule.max_steps or cfg.schedule.epochs * self.steps_per_epoch
+        self.global_batch = cfg.data.batch_size * self.world * cfg.run.grad_accum
+        base_lr = scaled_lr(cfg.optimizer.lr, self.global_batch, cfg.optimizer.base_batch)
+        self.schedule = PolySchedule(base_lr, self.total_steps, min(cfg.schedule.warmup_steps, self.total_steps),
+                                     cfg.schedule.power)
+
+        # Identical initial backbone on every rank (DeepSpeed also broadcasts rank 0's weights).
+        seed_everything(cfg.run.seed)
+        if self.image_size[0] != self.image_size[1]:
+            raise ValueError(f"{data_dir}/property: images are {self.image_size[0]}x{self.image_size[1]}; "
+                             "the backbones take square crops (e.g. 112x112): re-pack with a square size")
+        backbone = build_backbone(cfg.backbone.name, embedding_size=cfg.backbone.embedding_size,
+                                  dropout=cfg.backbone.dropout, image_size=self.image_size[0])
+        self.backbone_flops = count_flops(backbone, (1, 3, *self.image_size))
+        o = cfg.optimizer
+        opt = eng.backbone_optimizer(backbone.parameters(), o.name, base_lr, o.momentum, o.weight_decay)
+        ds_config = eng.deepspeed_config(self.format, micro_batch=cfg.data.batch_size, grad_accum=cfg.run.grad_accum,
+                                         clip_grad_norm=o.clip_grad_norm, zero_stage=cfg.run.zero_stage)
+        self.engine = eng.build_engine(backbone, opt, ds_config, self.device)
+        self.head = build_head(cfg, self.num_classes, self.device, self.steps_per_epoch * cfg.run.grad_accum)
+        # Heads without prototypes (triplet, contrastive) have nothing to optimise.
+        self.head_optimizer = None if next(self.head.parameters(), None) is None else self.head.make_optimizer(
+            kind=cfg.optimizer.name, lr=base_lr, momentum=cfg.optimizer.momentum,
+            weight_decay=cfg.optimizer.weight_decay,
+        )
+        self.teacher, self.distill = build_distillation(cfg, self.image_size[0], self.format, self.device, self.rank)
+        self.data_dir = data_dir
+        self.eval_sets = load_eval_sets(cfg, data_dir, self.image_size) if self.rank == 0 and cfg.eval.enabled else []
+
+    # ------------------------------------------------------------------ the loop
+    def set_lr(self, lr: float) -> None:
+        for opt in (self.engine.optimizer, self.head_optimizer):
+            for group in opt.param_groups if opt is not None else ():
+                group["lr"] = lr
+
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor, times: StepTimes, boundary: bool = True) -> float:
+        """One micro-batch: forward, backward, and — at a gradient-accumulation boundary — the
+        optimizer steps of the backbone (DeepSpeed) and the head. Times are added to `times`."""
+        t0 = time.perf_counter()
+        images = self.format.batch(images, self.device)  # the engine's dtype and memory format, on the device
+        embeddings = self.engine(images)
+        # ×W on the backbone's gradient only: DeepSpeed averages it over ranks (module docstring).
+        student = scale_backbone_grad(embeddings.float(), self.world)
+        loss = self.head(student, labels)
+        if self.teacher is not None and self.distill is not None:
+            with torch.no_grad():  # frozen, in eval mode: the same images, its own BatchNorm statistics
+                target = self.teacher(images).float()
+            # Global-batch mean with local gradients, like the head's loss: the same ×W contract.
+            loss = loss + self.distill(student, target, labels)
+        self._sync()
+        t1 = time.perf_counter()
+        loss_value = float(loss.detach())
+        if not math.isfinite(loss_value):
+            self._observe(loss_value, times)  # so the NaN-loss alert sees it before the job stops
+            self.metrics.close(clean=False)
+            raise NonFiniteLossError(
+                f"loss is {loss_value} at step {self.state.step} (epoch {self.state.epoch}) of run "
+                f"{self.cfg.run.name}: lower optimizer.lr (now {self.schedule.base_lr:g} after scaling), "
+                "add warmup (schedule.warmup_steps) or check the data; the last checkpoint is intact",
+                self.state.step,
+            )
+        loss_scale = eng.loss_scale(self.engine, self.format)
+        # DeepSpeed divides by grad_accum here, for the head's gradients too: they accumulate as
+        # the mean over micro-batches, like the backbone's.
+        self.engine.backward(loss)
+        self._sync()
+        t2 = time.perf_counter()
+        skipped_before = self.engine.skipped_steps
+        self.engine.step()  # a no-op for the weights until the accumulation boundary
+        if boundary and self.head_optimizer is not None:
+            if self.engine.skipped_steps == skipped_before:
+                if loss_scale != 1.0:  # fp16: the head's gradients carry DeepSpeed's loss scale too
+                    for p in self.head.parameters():
+                        if p.grad is not None:
+                            p.grad.mul_(1.0 / loss_scale)
+                self.head_optimizer.step()
+            self.head_optimizer.zero_grad()
+        self._sync()
+        t3 = time.perf_counter()
+        times.forward += t1 - t0
+        times.backward += t2 - t1
+        times.optimizer += t3 - t2
+        return loss_value
+
+    def _agree(self, *flags: bool) -> list[bool]:
+        """Each flag true on any rank → true on every rank (one small all-reduce): a SIGTERM reaches
+        one worker, a time-based checkpoint falls due at slightly different moments, yet all ranks
+        must stop or save at the same step."""
+        if self.world == 1 or not dist.is_initialized():
+            return list(flags)
+        t = torch.tensor([1.0 if f else 0.0 for f in flags])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return [bool(v) for v in t.tolist()]
+
+    # ------------------------------------------------------------------ checkpoints
+    def _epoch_batches(self) -> Iterator[Any]:
+        """This epoch's batches; the first epoch after a resume without a reader state starts where
+        the checkpoint stopped (skipped batches are read and dropped: the data order stays exact)."""
+        skip, self._skip_batches = self._skip_batches, 0
+        it = iter(self.data)
+        for _ in range(skip):
+            if next(it, None) is None:
+                break
+        return it
+
+    def _sync(self) -> None:
+        eng.synchronize(self.device)
+
+    def fit(self) -> TrainState:
+        cfg, st = self.cfg, self.state
+        self._log_start()
+        progress = self._progress_bar()
+        last_eval = self.evaluate()  # step 0: the accuracy training starts from
+        window_start, window_images = time.perf_counter(), 0
+        accum = cfg.run.grad_accum
+        micro_losses: list[float] = []
+        times = StepTimes()
+        while st.step < self.total_steps and not self.stop_requested:
+            self.engine.train()
+            self.head.train()
+            t_data = time.perf_counter()
+            for batch in self._epoch_batches():
+                if not micro_losses:
+                    times = StepTimes()
+                    self.set_lr(self.schedule.lr(st.step))
+                times.data += time.perf_counter() - t_data
+                boundary = len(micro_losses) + 1 == accum
+                micro_losses.append(self.train_step(batch.images, batch.labels, times, boundary))
+                t_data = time.perf_counter()
+                if not boundary:
+                    continue
+                loss = sum(micro_losses) / len(micro_losses)
+                micro_losses = []
+                st.step += 1
+                st.samples_seen += self.global_batch
+                st.epoch_samples += self.global_batch
+                window_images += self.global_batch
+                self._observe(loss, times)
+                if st.step % cfg.run.log_every == 0 or st.step == self.total_steps:
+                    elapsed = time.perf_counter() - window_start
+                    record = self._record(loss, times, window_images / max(elapsed, 1e-9))
+                    window_start, window_images = time.perf_counter(), 0
+                    self._emit(record, progress)
+                if cfg.eval.every_steps and st.step % cfg.eval.every_steps == 0 and st.step < self.total_steps:
+                    last_eval = self.evaluate()
+                if self.external_stop() and not self.stop_requested:
+                    self.stop_requested = True
+                    print(f"[fr_train] rank {self.rank}: SIGTERM at step {st.step}: checkpointing this step on every "
+                          "rank, then stopping", flush=True)
+                stopping, save_due = self._agree(self.stop_requested, self.save_policy.due(st.step))
+                self.stop_requested = stopping
+                if not stopping and self._preempted():
+                    self.save_checkpoint(sync=True)  # just in time: committed before Ray's deadline
+                elif save_due and not stopping:
+                    self.save_checkpoint()
+                if st.step >= self.total_steps or stopping:
+                    break
+                t_data = time.perf_counter()
+            else:
+                st.epoch += 1
+                st.epoch_samples = 0
+                self.data.reset()
+                self.save_checkpoint()  # epoch ends are checkpoints too
+        if progress is not None:
+            progress.close()
+        if self.stop_requested and st.step < self.total_steps:
+            # Preempted: checkpoint this step synchronously and leave; the resumed run finishes.
+            self.save_checkpoint(sync=True)
+            self.ckpt.close()
+            if self.world > 1 and dist.is_initialized():
+                # Rank 0 has committed once every rank is here: only now may a rank leave (under Ray,
+                # the first rank to leave makes Ray kill the others, rank 0 mid-commit included).
+                dist.barrier()
+            self.metrics.close(clean=False)
+            if self.rank == 0:
+                print(f"[fr_train] stopped at step {st.step} on request; checkpoint saved, resume with "
+                      f"the same --name", flush=True)
+            return st
+        self.ckpt.close()
+        last_eval = self.evaluate()
+        self._finish(last_eval)
+        return st
+
+    # ------------------------------------------------------------------ logging / eval / end
+    def evaluate(self) -> dict[str, Any]:
+        """Verification on rank 0 (the backbone is replicated under ZeRO 0-2); others wait."""
+        results: dict[str, Any] = {}
+        if self.rank == 0 and self.eval_sets:
+            from fr_train.evaluation.runner import evaluate_verification
+
+            model = self.engine.module
+            was_training = model.training
+            model.eval()
+            for vs in self.eval_sets:
+                r = evaluate_verification(model, vs, batch_size=self.cfg.eval.batch_size, device=self.device)
+                results[vs.name] = r
+                self.metrics.observe_eval(vs.name, r["accuracy"], {
+                    float(k.removeprefix("tar_at_far_")): v for k, v in r.items() if k.startswith("tar_at_far_")})
+                append_event(self.log_path, {"event": "eval", "time": round(time.time(), 3), "step": self.state.step,
+                                             "set": vs.name, **r})
+                print(f"[fr_train] eval step {self.state.step} {vs.name}: accuracy {r['accuracy']:.4f} "
+                      f"± {r['accuracy_std']:.4f}, TAR@FAR=1e-3 {r['tar_at_far_1e-3']:.4f}", flush=True)
+            model.train(was_training)
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+        return results
+
+    def _finish(self, last_eval: dict[str, Any]) -> None:
+        if self.rank == 0:
+            from fr_train.export import export_onnx, save_backbone, write_model_info
+
+            out = self.run_dir / "final"
+            out.mkdir(parents=True, exist_ok=True)
+            model = self.engine.module.float().eval()
+            save_backbone(model, out / "backbone.safetensors")
+            (out / "config.json").write_text(self.cfg.to_json())
+            write_model_info(out, backbone=self.cfg.backbone.name, embedding_size=self.cfg.backbone.embedding_size,
+                             image_size=self.image_size[0], steps=self.state.step)
+            if self.cfg.run.export_onnx:
+                export_onnx(model.cpu(), out / "backbone.onnx", image_size=self.image_size[0])
+            append_event(self.log_path, {"event": "end", "step": self.state.step, "eval": last_eval,
+                                         "final_dir": str(out)})
+            print(f"[fr_train] done: {self.state.step} steps; model in {out}", flush=True)
+        flat = {f"eval/{name}/{k}": v for name, r in last_eval.items() for k, v in r.items()
+                if isinstance(v, int | float)}
+        self.report({"step": self.state.step, "done": 1, **flat}, self._checkpoint_to_report())
+        self.metrics.close(clean=True)
