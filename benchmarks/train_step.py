@@ -23,8 +23,9 @@ indexed out of the Parameter (autograd gives a dense all-classes gradient), ArcF
 the backbone's gradient clipped at norm 5; ``loss.item()`` every step. Its input stays in the default
 (contiguous) memory format, as train_v2's does, unless ``--baseline-channels-last``.
 
-Rows (``--device cuda``; ``--quick`` replaces them with small stand-ins that CPUs can run: r18 at
-32×32, batches of 4-8, 1k-100k classes):
+Rows (``--device cuda``; ``--quick`` replaces the first four with small stand-ins that CPUs can run:
+r18 at 32×32, batches of 4-8, 1k-100k classes, and has no r50 row: there is no iResNet smaller than
+r18 to stand in for r50 beside r18's r100):
 
     r100-b128          r100, batch 128, 93,431 classes, rate 1.0
     r100-b512          r100, batch 512, 93,431 classes, rate 1.0
@@ -47,7 +48,7 @@ For fr_train the ranges are opened and closed at the three device synchronisatio
 that Trainer's ``_sync``: fr_train/worker.py is not modified.
 
     python benchmarks/train_step.py --device cpu --quick
-    python benchmarks/train_step.py --device cpu --quick --rows r100-b128 --warmup 1 --steps 1
+    python benchmarks/train_step.py --device cpu --quick --rows r100-b128 --batch 2 --warmup 0 --steps 1 --no-preload
     python benchmarks/train_step.py --device cuda --json-out train_step.json
 """
 
@@ -122,7 +123,6 @@ QUICK_ROWS = (
     RowSpec("r100-b512", "r18", 8, 32, 1_000, 1.0),
     RowSpec("r100-b128-2m", "r18", 4, 32, 20_000, 0.1),
     RowSpec("r100-b128-big", "r18", 4, 32, 75_000, 0.1, ours_classes=100_000, vpl=True, storage="bfloat16"),
-    RowSpec("r50-b128", "r34", 4, 32, 1_000, 1.0),
 )
 
 
@@ -139,6 +139,8 @@ class ImplResult:
     backward_ms: float
     optimizer_ms: float
     peak_mb: float
+    start_mb: float
+    """Memory before construction (CUDA: allocated; CPU: RSS): what an earlier configuration left."""
     last_loss: float
     ops: dict[str, dict[str, int]] | None = None
 
@@ -247,11 +249,12 @@ class BaselineStep:
         else:
             self.opt.step()
         self.opt.zero_grad(set_to_none=True)
+        value = loss.item()  # train_v2 logs it every step; the one synchronisation its loop makes
         _sync(self.device)
         t3 = time.perf_counter()
         marks.boundary()
         parts += [t1 - t0, t2 - t1, t3 - t2]
-        return loss.item()
+        return value
 
     def close(self) -> None:
         pass
@@ -411,17 +414,23 @@ class _PeakMemory:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self._rss = PeakRSS() if device.type != "cuda" else None
+        self._start = 0
 
     def __enter__(self) -> _PeakMemory:
         if self._rss is not None:
             self._rss.__enter__()
         else:
             torch.cuda.reset_peak_memory_stats(self.device)
+            self._start = torch.cuda.memory_allocated(self.device)
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self._rss is not None:
             self._rss.__exit__(*exc)
+
+    @property
+    def start_mb(self) -> float:
+        return self._rss.start / 2**20 if self._rss is not None else self._start / 2**20
 
     @property
     def mb(self) -> float:
@@ -465,7 +474,7 @@ def measure(impl: str, build: Callable[[], BaselineStep | FrTrainStep], spec: Ro
     gc.collect()
     med = [1000 * statistics.median(p[i] for p in parts) for i in range(len(PHASES))]
     step_ms = 1000 * statistics.median(step_s)
-    return ImplResult(impl, classes, spec.batch / (step_ms / 1000), step_ms, *med, mem.mb, loss, counts)
+    return ImplResult(impl, classes, spec.batch / (step_ms / 1000), step_ms, *med, mem.mb, mem.start_mb, loss, counts)
 
 
 def _init_process_group(device: torch.device) -> None:
@@ -490,6 +499,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if unknown:
             raise SystemExit(f"--rows: unknown row(s) {unknown}; rows are {', '.join(r.key for r in rows)}")
         rows = tuple(r for r in rows if r.key in wanted)
+    if args.batch:
+        rows = tuple(replace(r, batch=args.batch) for r in rows)
     count = args.quick if args.count_ops is None else args.count_ops
     fixed_malloc_thresholds()
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[1] / ".cache" / "torch_extensions"))
@@ -498,12 +509,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         with tempfile.TemporaryDirectory(prefix="fr_train_step_") as tmp:
             workdir = Path(tmp)
-            # Load libraries, kernels and DeepSpeed's ops once, so the first row's memory and time are not theirs.
-            tiny = replace(rows[0], key="warmup", classes=100, ours_classes=None, vpl=False, storage="float32",
-                           batch=min(rows[0].batch, 4), image_size=32)
-            for build in (lambda: BaselineStep(tiny, device, args.lr, args.baseline_channels_last),
-                          lambda: FrTrainStep(tiny, device, args.lr, workdir)):
-                measure("warmup", build, tiny, tiny.classes, device, 0, 1, False)
+            if args.preload:  # libraries, kernels, DeepSpeed's ops: loaded here, not in the first row's figures
+                tiny = replace(rows[0], key="warmup", classes=100, ours_classes=None, vpl=False, storage="float32",
+                               batch=min(rows[0].batch, 4), image_size=32)
+                for build in (lambda: BaselineStep(tiny, device, args.lr, args.baseline_channels_last),
+                              lambda: FrTrainStep(tiny, device, args.lr, workdir)):
+                    measure("warmup", build, tiny, tiny.classes, device, 0, 1, False)
             for spec in rows:
                 b = measure("baseline", lambda s=spec: BaselineStep(s, device, args.lr, args.baseline_channels_last),
                             spec, spec.classes, device, args.warmup, args.steps, count)
@@ -585,6 +596,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="small CPU-sized stand-ins of the rows (module docstring)")
     p.add_argument("--rows", default="", help="comma-separated row keys (default: all)")
+    p.add_argument("--batch", type=int, default=0, help="override every row's batch size (>= 2: BatchNorm)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5; 1 with --quick)")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 20; 2 with --quick)")
     p.add_argument("--lr", type=float, default=0.01, help="both implementations' learning rate")
@@ -592,6 +604,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    help="profile one more step and count aten operators per part (default: on with --quick)")
     p.add_argument("--baseline-channels-last", action="store_true",
                    help="feed the baseline channels_last images (train_v2 does not)")
+    p.add_argument("--preload", action=argparse.BooleanOptionalAction, default=True,
+                   help="build and step both implementations once at a tiny size before the rows")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--json-out", default=None)
     args = p.parse_args(argv)
