@@ -65,6 +65,7 @@ import socket
 import statistics
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field, replace
@@ -142,7 +143,7 @@ class ImplResult:
     start_mb: float
     """Memory before construction (CUDA: allocated; CPU: RSS): what an earlier configuration left."""
     last_loss: float
-    ops: dict[str, dict[str, int]] | None = None
+    ops: dict[str, dict[str, Any]] | None = None
 
 
 @dataclass
@@ -380,8 +381,9 @@ class PhaseRanges:
         return [f"{self.prefix}::{p}" for p in PHASES]
 
 
-def count_ops(prof: torch.profiler.profile, ranges: PhaseRanges) -> dict[str, dict[str, int]]:
-    """aten events per part: by start time inside the part's range (any thread); "top" = no aten ancestor."""
+def count_ops(prof: torch.profiler.profile, ranges: PhaseRanges) -> dict[str, dict[str, Any]]:
+    """aten events per part: by start time inside the part's range (any thread); "top" = no aten ancestor.
+    ``top_names``: the most frequent top-level operators of the part, to see where a count comes from."""
     events = prof.events()
     spans = {}
     for e in events:
@@ -389,7 +391,8 @@ def count_ops(prof: torch.profiler.profile, ranges: PhaseRanges) -> dict[str, di
             spans[e.name.split("::")[-1]] = (e.time_range.start, e.time_range.end)
     if set(spans) != set(PHASES):
         raise RuntimeError(f"profiled step lacks part ranges: found {sorted(spans)}")
-    counts = {p: {"top": 0, "all": 0} for p in PHASES}
+    counts: dict[str, dict[str, Any]] = {p: {"top": 0, "all": 0} for p in PHASES}
+    names: dict[str, Counter[str]] = {p: Counter() for p in PHASES}
     for e in events:
         if not e.name.startswith("aten::"):
             continue
@@ -405,6 +408,9 @@ def count_ops(prof: torch.profiler.profile, ranges: PhaseRanges) -> dict[str, di
             parent = parent.cpu_parent
         if not nested:
             counts[phase]["top"] += 1
+            names[phase][e.name] += 1
+    for p in PHASES:
+        counts[p]["top_names"] = dict(names[p].most_common(8))
     return counts
 
 
