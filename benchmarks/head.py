@@ -15,12 +15,23 @@ allocator). Everything runs in one process, configurations one after another, fr
 
     python benchmarks/head.py                       # 10k, 100k, 1M classes (1M: rates < 1 only)
     python benchmarks/head.py --classes 10000 --steps 3
+    python benchmarks/head.py --memory              # bytes per class and the largest head that fits
+
+``--memory`` (no timing): the head's persistent state in bytes per class, read off the tensors of a
+real ``PartialFC`` + its optimizer at a small class count (weight, SGD momentum rows, VPL memory bank
+and its timestamps; storage float32 / bfloat16, with and without VPL), next to the baseline's
+(weight + momentum + the dense gradient that lives from backward to ``zero_grad``). Then the
+largest class count whose state fits ``--budget-gb`` next to ``--reserve-gb`` of backbone training
+memory: from the persistent bytes alone, and adding one step's transient memory (sampled rows'
+copies, their gradient, logits), measured on CPU as the RSS peak of a step at ``--transient-classes``
+and scaled by the sample rate ``--rate``. GB here = 10^9 bytes.
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
+import functools
 import gc
 import json
 import math
@@ -28,13 +39,15 @@ import platform
 import statistics
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import psutil
 import torch
 import torch.nn.functional as F
 
-from fr_train.heads import CombinedMargin, PartialFC
+from fr_train.heads import CombinedMargin, PartialFC, VPLConfig
 
 
 def fixed_malloc_thresholds() -> None:
@@ -107,8 +120,11 @@ class BaselinePartialFCV2:
 
 
 class Ours:
-    def __init__(self, num_classes: int, dim: int, sample_rate: float, margin: CombinedMargin) -> None:
-        self.head = PartialFC(num_classes, dim, margin, sample_rate=sample_rate)
+    def __init__(self, num_classes: int, dim: int, sample_rate: float, margin: CombinedMargin,
+                 storage: str = "float32", vpl: bool = False) -> None:
+        self.head = PartialFC(num_classes, dim, margin, sample_rate=sample_rate, storage_dtype=getattr(torch, storage),
+                              vpl=VPLConfig(start_iter=0) if vpl else None)
+        # As the Trainer builds it: the optimizer's row state in the storage dtype.
         self.opt = self.head.make_optimizer(0.1, momentum=0.9, weight_decay=5e-4)
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -149,6 +165,99 @@ def measure(impl: str, cls: type[BaselinePartialFCV2 | Ours], classes: int, rate
     return Row(impl, classes, rate, 1000 * statistics.median(times), mem.delta_mb)
 
 
+# ---------------------------------------------------------------------------------------------------
+# --memory
+# ---------------------------------------------------------------------------------------------------
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def persistent_state(head: PartialFC) -> dict[str, int]:
+    """Bytes of every tensor the head keeps from one step to the next, by name: its parameters,
+    buffers (VPL bank and timestamps) and its optimizer's per-row state (SGD momentum). Read from the
+    module rather than computed, so a tensor added to the head is counted without touching this."""
+    parts = {name: _nbytes(t) for name, t in head.named_parameters()}
+    parts |= {name: _nbytes(t) for name, t in head.named_buffers()}
+    if head.optimizer is not None:
+        for param, state in head.optimizer.row_state().items():
+            parts |= {f"{param}.{key}": _nbytes(t) for key, t in state.items() if isinstance(t, torch.Tensor)}
+    return parts
+
+
+MEMORY_CONFIGS = tuple((storage, vpl) for storage in ("float32", "bfloat16") for vpl in (False, True))
+
+
+def _transient_bytes_per_sampled_class(make: Callable[[], Ours | BaselinePartialFCV2], classes: int, rate: float,
+                                       batch: int, dim: int) -> float:
+    """RSS peak of one training step over the RSS before it (median of 3, after a first step), per
+    sampled class: the step's temporaries (sampled rows and their copies, sparse gradient, logits)."""
+    model = make()
+    gen = torch.Generator().manual_seed(0)
+    peaks = []
+    for i in range(4):
+        x = torch.randn(batch, dim, generator=gen).requires_grad_(True)
+        y = torch.randint(0, classes, (batch,), generator=gen)
+        gc.collect()
+        with PeakRSS() as mem:
+            model.step(x, y)
+        if i:
+            peaks.append(mem.peak - mem.start)
+    del model
+    gc.collect()
+    return statistics.median(peaks) / (rate * classes)
+
+
+def memory_report(classes: int = 4096, dim: int = 512, rate: float = 0.1, batch: int = 128,
+                  budget_gb: float = 80.0, reserve_gb: float = 12.0, transient_classes: int = 400_000) -> dict[str, Any]:
+    """Bytes per class of each configuration and the largest class count that fits (module docstring)."""
+    rows: list[dict[str, Any]] = []
+    free = budget_gb * 1e9 - reserve_gb * 1e9
+    for storage, vpl in MEMORY_CONFIGS:
+        parts = persistent_state(Ours(classes, dim, rate, CombinedMargin.arcface(), storage, vpl).head)
+        rows.append({"impl": "fr_train", "storage": storage, "vpl": vpl, "parts_bytes_per_class":
+                     {k: v / classes for k, v in parts.items()}, "bytes_per_class": sum(parts.values()) / classes})
+    base = BaselinePartialFCV2(classes, dim, rate, CombinedMargin.arcface())
+    base.step(torch.randn(batch, dim), torch.randint(0, classes, (batch,)))  # creates momentum; grad is alive
+    base_parts = {"weight": _nbytes(base.weight), "weight.grad (dense)": _nbytes(base.weight.grad),
+                  **{f"weight.{k}": _nbytes(t) for k, t in base.opt.state[base.weight].items()}}
+    rows.append({"impl": "baseline_pfc_v2", "storage": "float32", "vpl": False, "parts_bytes_per_class":
+                 {k: v / classes for k, v in base_parts.items()}, "bytes_per_class": sum(base_parts.values()) / classes})
+    del base
+    for row in rows:
+        row["max_classes_persistent"] = int(free // row["bytes_per_class"])
+        if transient_classes:
+            cls = Ours if row["impl"] == "fr_train" else BaselinePartialFCV2
+            extra = (row["storage"], row["vpl"]) if cls is Ours else ()
+            make = functools.partial(cls, transient_classes, dim, rate, CombinedMargin.arcface(), *extra)
+            per_sampled = _transient_bytes_per_sampled_class(make, transient_classes, rate, batch, dim)
+            row["transient_bytes_per_sampled_class"] = per_sampled
+            row["max_classes_with_step"] = int(free // (row["bytes_per_class"] + rate * per_sampled))
+    return {"benchmark": "head_memory", "device": f"cpu ({platform.processor() or platform.machine()})",
+            "torch": torch.__version__, "measured_at_classes": classes, "dim": dim, "rate": rate, "batch": batch,
+            "budget_gb": budget_gb, "reserve_gb": reserve_gb, "transient_classes": transient_classes,
+            "gb": "10^9 bytes", "rows": rows}
+
+
+def memory_table(report: dict[str, Any]) -> str:
+    rate, transient = report["rate"], bool(report["transient_classes"])
+    head = ("| head | storage | VPL | weight | momentum | VPL bank | VPL timestamps | dense grad | bytes/class "
+            "| max classes (state only) |")
+    if transient:
+        head += f" step transient B/sampled class | max classes (state + step at rate {rate:g}) |"
+    lines = [head, "|" + "---|" * (10 + 2 * transient)]
+    for r in report["rows"]:
+        p = r["parts_bytes_per_class"]
+        cells = [p.get("weight", 0), p.get("weight.momentum_buffer", 0), p.get("vpl_memory", 0),
+                 p.get("vpl_memory_iter", 0), p.get("weight.grad (dense)", 0)]
+        line = (f"| {r['impl']} | {r['storage']} | {'yes' if r['vpl'] else 'no'} | "
+                + " | ".join(f"{c:g}" if c else "–" for c in cells)
+                + f" | {r['bytes_per_class']:g} | {r['max_classes_persistent'] / 1e6:.1f}M |")
+        if transient:
+            line += f" {r['transient_bytes_per_sampled_class']:,.0f} | {r['max_classes_with_step'] / 1e6:.1f}M |"
+        lines.append(line)
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--classes", default="10000,100000,1000000")
@@ -159,9 +268,26 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--dense-max-classes", type=int, default=200_000,
                    help="skip sample_rate 1.0 above this class count (the same dense work for both; minutes on CPU)")
+    p.add_argument("--memory", action="store_true", help="bytes per class and the largest head that fits; no timing")
+    p.add_argument("--memory-classes", type=int, default=4096, help="class count the per-class bytes are read at")
+    p.add_argument("--rate", type=float, default=0.1, help="--memory: the sample rate of the step's transients")
+    p.add_argument("--budget-gb", type=float, default=80.0, help="--memory: device memory, GB (10^9 bytes)")
+    p.add_argument("--reserve-gb", type=float, default=12.0, help=(
+        "--memory: the backbone's training memory beside the head, GB. Default 12 for r100 at batch 128 in "
+        "bf16: 7.3 GB of activations saved for backward (counted on the meta device), ~1 GB of weights, "
+        "bf16 copies, gradients and momentum, the rest headroom for backward's transients and the allocator. "
+        "Replace with the measured peak of benchmarks/train_step.py --device cuda --rows r100-b128 minus its head"))
+    p.add_argument("--transient-classes", type=int, default=400_000,
+                   help="--memory: class count of the step whose RSS peak gives the transients (0: skip)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     fixed_malloc_thresholds()
+    if args.memory:
+        report = memory_report(args.memory_classes, args.dim, args.rate, args.batch, args.budget_gb, args.reserve_gb,
+                               args.transient_classes)
+        print(memory_table(report))
+        print(json.dumps(report))
+        return
     measure("warmup", Ours, 1000, 0.5, args.batch, args.dim, 1)  # load kernels/allocator pools once
     rows: list[Row] = []
     print(f"{'classes':>9} {'rate':>5} | {'baseline ms':>11} {'ours ms':>9} {'speedup':>7} | "

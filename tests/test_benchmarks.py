@@ -1,0 +1,68 @@
+"""The benchmarks still run and report what they claim: the training-step benchmark's smallest quick
+configuration end to end (both implementations, operator counts), and ``head.py --memory``'s bytes
+per class against the sizes of the head's own tensors.
+
+Why: benchmarks are run rarely and by hand (on a GPU when one is lent); one that broke with a change
+of the Trainer or the head would only be found then, at the cost of a device session.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_train_step_quick_smallest_row_reports_both_implementations(tmp_path: Path) -> None:
+    out = tmp_path / "train_step.json"
+    env = {**os.environ, "PYTHONPATH": str(REPO),
+           "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))}
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "train_step.py"), "--device", "cpu", "--quick", "--rows", "r100-b128",
+         "--batch", "2", "--warmup", "0", "--steps", "1", "--no-preload", "--json-out", str(out)],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(out.read_text())
+    assert [r["key"] for r in report["rows"]] == ["r100-b128"]
+    row = report["rows"][0]
+    for impl in ("baseline", "fr_train"):
+        r = row[impl]
+        for key in ("img_per_s", "step_ms", "forward_ms", "backward_ms", "optimizer_ms", "peak_mb", "last_loss"):
+            assert r[key] > 0, (impl, key, r[key])
+        assert set(r["ops"]) == {"forward", "backward", "optimizer"}
+        assert all(0 < c["top"] <= c["all"] for c in r["ops"].values()), r["ops"]
+    assert row["ratio_fr_train_over_baseline"]["img_per_s"] > 0
+    assert "| r100-b128 | r18 32px | 2 | fr_train |" in proc.stdout  # the table RESULTS.md records
+
+
+def test_head_memory_bytes_per_class_are_the_head_tensors_sizes() -> None:
+    from benchmarks.head import memory_report
+    from fr_train.heads import CombinedMargin, PartialFC, VPLConfig
+
+    classes, dim = 300, 64
+    report = memory_report(classes=classes, dim=dim, transient_classes=0, budget_gb=80, reserve_gb=12)
+    rows = {(r["impl"], r["storage"], r["vpl"]): r for r in report["rows"]}
+    for storage in (torch.float32, torch.bfloat16):
+        for vpl in (False, True):
+            head = PartialFC(classes, dim, CombinedMargin.arcface(), sample_rate=0.1, storage_dtype=storage,
+                             vpl=VPLConfig() if vpl else None)
+            opt = head.make_optimizer(0.1)
+            tensors = [head.weight, opt.state[head.weight]["momentum_buffer"]]
+            if vpl:
+                tensors += [head.vpl_memory, head.vpl_memory_iter]
+            expected = sum(t.numel() * t.element_size() for t in tensors) / classes
+            row = rows[("fr_train", str(storage).removeprefix("torch."), vpl)]
+            assert row["bytes_per_class"] == expected
+            assert row["max_classes_persistent"] == int(68e9 // expected)
+    # The known figures at 64-d: fp32 weight + momentum = 2 × 256 B; VPL adds a bank row and an int64 step.
+    assert rows[("fr_train", "float32", False)]["bytes_per_class"] == 512
+    assert rows[("fr_train", "bfloat16", True)]["bytes_per_class"] == 3 * 128 + 8
+    assert rows[("baseline_pfc_v2", "float32", False)]["bytes_per_class"] == 3 * 256  # weight, momentum, dense grad
