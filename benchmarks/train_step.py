@@ -7,7 +7,7 @@ then timed steps (medians). Reported per row and implementation: images/s, the s
 and the ratio fr_train / baseline; with ``--count-ops`` also the aten operators one step dispatches
 in each part (the CPU proxy of per-step launch overhead, see "Operator counts").
 
-fr_train: ``fr_train.worker.Trainer`` built from a config in the GPU's configuration on every device
+fr_train: ``fr_train.train.trainer.Trainer`` built from a config in the GPU's configuration on every device
 (``run.precision=bf16``, ``run.channels_last=true``: DeepSpeed bf16 engine, sharded ``PartialFC``
 with its row-sparse SGD, gradient clipping at 5), stepped by calling ``train_step`` directly.
 
@@ -45,7 +45,7 @@ with no ``aten::`` ancestor (what Python, DeepSpeed or the autograd engine dispa
 ``aten::`` event including those nested in another (decompositions, ``to``→``_to_copy``→``copy_``).
 For fr_train the ranges are opened and closed at the three device synchronisations that
 ``train_step`` already makes between its parts (the boundaries of its ``StepTimes``), by wrapping
-that Trainer's ``_sync``: fr_train/worker.py is not modified.
+that Trainer's ``_sync``: fr_train/train/trainer.py is not modified.
 
     python benchmarks/train_step.py --device cpu --quick
     python benchmarks/train_step.py --device cpu --quick --rows r100-b128 --batch 2 --warmup 0 --steps 1 --no-preload
@@ -298,7 +298,7 @@ class FrTrainStep:
 
     def __init__(self, spec: RowSpec, device: torch.device, lr: float, workdir: Path) -> None:
         from fr_train.config import build_config
-        from fr_train.worker import Trainer
+        from fr_train.train.trainer import Trainer
 
         data = _tiny_dataset(workdir / f"data-{spec.key}", spec.fr_train_classes, spec.image_size)
         cfg = build_config(spec.backbone, "arcface", overrides=[
@@ -325,7 +325,7 @@ class FrTrainStep:
 
     def step(self, images: torch.Tensor, labels: torch.Tensor, parts: list[float],
              ranges: PhaseRanges | None = None) -> float:
-        from fr_train.worker import StepTimes
+        from fr_train.train.state import StepTimes
 
         times = StepTimes()
         self._ranges, self._boundaries = ranges, 0
