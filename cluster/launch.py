@@ -124,7 +124,7 @@ def launch(cfg: TrainConfig) -> int:
     import os
 
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from cluster.failures import clear_records, read_fatal
@@ -177,6 +177,8 @@ def launch(cfg: TrainConfig) -> int:
             checkpoint_config=CheckpointConfig(num_to_keep=None),
             # SIGTERM to a worker: checkpoint the current step on every rank before Ray exits it.
             worker_runtime_env=_worker_env(local),
+            # fr_train prints one line per logged step; Ray's own per-report lines only when asked.
+            logging_config=LoggingConfig(log_level=cfg.run.ray_log_level),
         ),
     )
     try:

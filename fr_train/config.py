@@ -162,6 +162,8 @@ class RunSettings:
     log_every: int = 10
     max_failures: int = 3
     cpus_per_worker: int = 1
+    ray_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
+    """Ray Train's own log level on the console (INFO adds its line per reported result)."""
     placement_timeout_s: float = 600.0
     """On a cluster fr_train joins (`ray job submit`, RAY_ADDRESS): how long to wait, with a message,
     for room for every worker (an autoscaler adding nodes) before failing. A local cluster cannot

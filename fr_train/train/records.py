@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import socket
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -93,7 +94,9 @@ class RecordsMixin:
         self.report({k: v for k, v in record.items() if isinstance(v, int | float)}, self._checkpoint_to_report())
 
     def _progress_bar(self) -> Any:
-        if self.rank != 0:
+        """A tqdm bar on rank 0 when a person watches a terminal; none under Ray or in a log file,
+        where each redraw would be one more line beside the step line (every step twice)."""
+        if self.rank != 0 or not sys.stderr.isatty():
             return None
         from tqdm import tqdm
 
