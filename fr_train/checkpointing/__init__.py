@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 from fr_train.checkpointing.files import CorruptCheckpointError, verify_directory
-from fr_train.checkpointing.manager import (
-    CheckpointManager,
+from fr_train.checkpointing.loading import (
     CheckpointSurvey,
     LoadedCheckpoint,
-    SaveTiming,
     Unloadable,
     broadcast_session_token,
     find_latest,
@@ -15,6 +13,7 @@ from fr_train.checkpointing.manager import (
     new_session_token,
     survey_checkpoints,
 )
+from fr_train.checkpointing.manager import CheckpointManager, SaveTiming
 from fr_train.checkpointing.policy import SavePolicy
 from fr_train.checkpointing.resume import check_compatible, code_version, reshard_rank_payloads
 from fr_train.checkpointing.rng import capture_rng, restore_rng

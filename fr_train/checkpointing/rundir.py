@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fr_train.checkpointing.manager import (
+from fr_train.checkpointing.loading import (
     CheckpointSurvey,
     LoadedCheckpoint,
     committed_steps,

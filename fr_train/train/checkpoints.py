@@ -186,7 +186,7 @@ class CheckpointingMixin:
     def _checkpoint_to_report(self) -> Path | None:
         """On rank 0, the newest checkpoint once it is committed (its manifest is in place), once."""
         from fr_train.checkpointing.files import MANIFEST
-        from fr_train.checkpointing.manager import step_dir_name
+        from fr_train.checkpointing.loading import step_dir_name
 
         if self.rank != 0 or self.last_saved_step in (-1, self._reported_step):
             return None
