@@ -126,7 +126,11 @@ def test_eval_mode_is_deterministic_and_independent_of_the_batch(
         a, b = model(x), model(x)
         single = model(x[:1])
     assert torch.equal(a, b)
-    torch.testing.assert_close(single, a[:1], rtol=1e-4, atol=1e-4)
+    # The untrained network's outputs reach ~1e7 here, and oneDNN may choose other convolution kernels
+    # for 1 image than for 3 (another summation order): fp32 rounding then moves an element by ~4e-7
+    # of the output's scale (seen on an AVX2-only AMD EPYC), while batch statistics leaking into eval
+    # mode would move it by the scale itself. So the tolerance is relative to that scale.
+    torch.testing.assert_close(single, a[:1], rtol=1e-4, atol=1e-5 * float(a.abs().max()))
 
 
 @pytest.mark.parametrize("name", SMALL_NAMES)
