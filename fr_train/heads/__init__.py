@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 from fr_train.heads.bce_head import BCEHead
-from fr_train.heads.collectives import scale_backbone_grad
 from fr_train.heads.epl_head import EPLHead
 from fr_train.heads.margin import CombinedMargin
 from fr_train.heads.optim import RowSparseAdamW, RowSparseSGD
 from fr_train.heads.partial_fc import PartialFC
 from fr_train.heads.reshard import reshard_head_states
-from fr_train.heads.sharding import ClassShard, class_shard
 from fr_train.heads.unpg_head import UNPGHead
 from fr_train.heads.uss_head import USSHead
 from fr_train.heads.vpl import VPLConfig
+from fr_train.parallel.collectives import scale_backbone_grad
+from fr_train.parallel.sharding import ClassShard, class_shard
 
 __all__ = [
     "BCEHead",

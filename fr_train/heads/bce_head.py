@@ -28,13 +28,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from fr_train.heads.collectives import all_reduce_
 from fr_train.heads.cross_entropy import _matmul
 from fr_train.heads.margin import CombinedMargin
 from fr_train.heads.optim import RowSparseAdamW, RowSparseSGD
 from fr_train.heads.partial_fc import PartialFC
 from fr_train.heads.replicated import move_in, move_out, rebuild_with
 from fr_train.heads.sampled_step import check_seed_head, sampled_step
+from fr_train.parallel.collectives import all_reduce_
 
 
 class BCEHead(PartialFC):

@@ -20,9 +20,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from fr_train.heads.collectives import all_reduce_
 from fr_train.heads.margin import CombinedMargin
-from fr_train.heads.sharding import Comm
+from fr_train.parallel.collectives import all_reduce_
+from fr_train.parallel.sharding import Comm
 
 
 def _matmul(a: torch.Tensor, b: torch.Tensor, matmul_dtype: torch.dtype | None, out_dtype: torch.dtype) -> torch.Tensor:

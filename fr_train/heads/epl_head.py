@@ -32,8 +32,8 @@ from fr_train.heads.margin import CombinedMargin
 from fr_train.heads.partial_fc import PartialFC, _block_init
 from fr_train.heads.sampled_step import check_seed_head, sampled_step
 from fr_train.heads.sharded_softmax import sharded_softmax_ce
-from fr_train.heads.sharding import host_copy
 from fr_train.heads.vpl import NEVER_WRITTEN, write_latest
+from fr_train.parallel.sharding import host_copy
 
 _MEMORY_ROWS = ("epl_memory", "epl_memory_iter")
 

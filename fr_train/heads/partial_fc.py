@@ -29,13 +29,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from fr_train.heads.collectives import exchange_meta, gather_rows, gather_rows_nograd
 from fr_train.heads.cross_entropy import margin_softmax_ce
 from fr_train.heads.margin import CombinedMargin
 from fr_train.heads.optim import RowSparseAdamW, RowSparseSGD
 from fr_train.heads.sampling import ClassSampler, sampler_seed
-from fr_train.heads.sharding import SPLIT_RULE, class_shard, host_copy, resolve_group
 from fr_train.heads.vpl import NEVER_WRITTEN, VPLConfig, fresh_rows, inject, write_latest
+from fr_train.parallel.collectives import exchange_meta, gather_rows, gather_rows_nograd
+from fr_train.parallel.sharding import SPLIT_RULE, class_shard, host_copy, resolve_group
 
 STATE_FORMAT = "fr_train.heads.PartialFC/1"
 _INIT_BLOCK = 4096  # classes per init block: the initial weights do not depend on the world size

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from fr_train.heads.optim import RowSparseAdamW, RowSparseSGD
-from fr_train.heads.sharding import host_copy
+from fr_train.parallel.sharding import host_copy
 
 REPLICATED_KEY = "replicated"
 

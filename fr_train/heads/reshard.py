@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from fr_train.heads.sharding import SPLIT_RULE, class_shard
+from fr_train.parallel.sharding import SPLIT_RULE, class_shard
 
 _GLOBAL_FIELDS = ("format", "num_classes", "embedding_size", "split_rule", "world_size", "margin",
                   "sample_rate", "vpl", "seed", "iteration")

@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from fr_train.heads.collectives import all_reduce_
-from fr_train.heads.sharding import Comm
+from fr_train.parallel.collectives import all_reduce_
+from fr_train.parallel.sharding import Comm
 
 
 def sharded_softmax_ce(logits: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, comm: Comm,

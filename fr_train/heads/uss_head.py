@@ -26,15 +26,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from fr_train.heads.collectives import all_reduce_
 from fr_train.heads.cross_entropy import _matmul, margin_softmax_ce
 from fr_train.heads.margin import CombinedMargin
 from fr_train.heads.optim import RowSparseAdamW, RowSparseSGD
 from fr_train.heads.partial_fc import PartialFC
 from fr_train.heads.replicated import REPLICATED_KEY, move_in, move_out, rebuild_with
 from fr_train.heads.sampled_step import check_seed_head, sampled_step
-from fr_train.heads.sharding import host_copy
 from fr_train.heads.vpl import NEVER_WRITTEN, write_latest
+from fr_train.parallel.collectives import all_reduce_
+from fr_train.parallel.sharding import host_copy
 
 _MEMORY_ROWS = ("uss_memory", "uss_memory_iter")
 

@@ -15,8 +15,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fr_train.heads.sharding import resolve_group
-from fr_train.losses.global_batch import gather_global_batch, sum_over_ranks
+from fr_train.parallel.global_batch import gather_global_batch, sum_over_ranks
+from fr_train.parallel.sharding import resolve_group
 
 
 class ContrastiveLoss(nn.Module):

@@ -16,7 +16,7 @@ Two terms on L2-normalised student features ``x_i`` and teacher features ``t_i``
   making), and the thresholds are not differentiated. Unlike feature matching this leaves a small
   student free to arrange its space as long as its verification decisions match the teacher's.
 
-Distribution follows fr_train/losses/global_batch.py: features are all-gathered (autograd-aware),
+Distribution follows fr_train/parallel/global_batch.py: features are all-gathered (autograd-aware),
 the thresholds and the hard-negative selection are computed from the detached global similarity
 matrix (identical on every rank), each rank computes the terms of the pairs whose first index it
 owns, and ``sum_over_ranks`` adds them: the value is the same everywhere and rank r's gradient is
@@ -32,9 +32,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from fr_train.heads.collectives import gather_rows_nograd
-from fr_train.heads.sharding import resolve_group
-from fr_train.losses.global_batch import gather_global_batch, sum_over_ranks
+from fr_train.parallel.collectives import gather_rows_nograd
+from fr_train.parallel.global_batch import gather_global_batch, sum_over_ranks
+from fr_train.parallel.sharding import resolve_group
 
 EKD_ANCHORS = (10, 100, 1_000, 10_000, 100_000, 1_000_000)
 """FPR levels 1/a at which EKD places its thresholds (the verification operating points)."""

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from fr_train.config import TrainConfig
-from fr_train.heads import scale_backbone_grad
+from fr_train.parallel.collectives import scale_backbone_grad
 from fr_train.train import engine as eng
 from fr_train.train.checkpoints import CheckpointingMixin
 from fr_train.train.components import build_distillation, build_head, load_eval_sets, seed_everything

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from fr_train.heads.sharding import Comm
+from fr_train.parallel.sharding import Comm
 
 # torch >= 2.8 renamed the tensor-in/tensor-out collectives; keep working on torch >= 2.4.
 _all_gather_tensor = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor

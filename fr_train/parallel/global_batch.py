@@ -3,7 +3,7 @@
 Each rank holds a slice of the batch. The pair losses (triplet, contrastive, UNPG's in-batch
 negatives) compare every sample with every other sample of the GLOBAL batch, so each rank
 all-gathers the L2-normalised embeddings with the autograd-aware uneven gather of the head
-(``fr_train.heads.collectives.gather_rows``: its backward sums every rank's partial gradient of a
+(``fr_train.parallel.collectives.gather_rows``: its backward sums every rank's partial gradient of a
 row back to the row's owner) and the labels without gradient.
 
 Work is split by anchor: rank r computes the loss terms of ITS OWN rows against all gathered rows,
@@ -21,8 +21,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from fr_train.heads.collectives import all_reduce_, exchange_meta, gather_rows, gather_rows_nograd
-from fr_train.heads.sharding import Comm
+from fr_train.parallel.collectives import all_reduce_, exchange_meta, gather_rows, gather_rows_nograd
+from fr_train.parallel.sharding import Comm
 
 
 @dataclass(frozen=True)
