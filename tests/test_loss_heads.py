@@ -261,6 +261,32 @@ def test_bce_state_dict_round_trip_keeps_the_unified_bias_out_of_the_class_rows(
         other.load_state_dict(state)
 
 
+@pytest.mark.parametrize(("make", "rows"), [
+    (lambda: EPLHead(C, D, CombinedMargin.arcface(), k=0.5, start_iter=0, storage_dtype=torch.float64),
+     ("epl_memory", "epl_memory_iter")),
+    (lambda: USSHead(C, D, CombinedMargin.arcface(), uss_margin=0.1, uss_weight=1.0, start_iter=0,
+                     storage_dtype=torch.float64), ("uss_memory", "uss_memory_iter")),
+])
+def test_memory_heads_round_trip_their_class_memory_and_refuse_a_damaged_one(make: Any, rows: tuple[str, ...]) -> None:
+    head = make()
+    opt = head.make_optimizer(**SGD)
+    batch = global_batch(1, C, D, 6)
+    head(batch["x"], batch["labels"]).backward()
+    opt.step()
+    state = head.state_dict()
+    other = make()
+    other.make_optimizer(**SGD)
+    other.load_state_dict(state)
+    for name in rows:
+        assert torch.equal(getattr(other, name), getattr(head, name))
+    wrong = {**state, "rows": {**state["rows"], rows[0]: state["rows"][rows[0]][:-1]}}
+    with pytest.raises(ValueError, match=rf"rows\['{rows[0]}'\] has shape"):
+        other.load_state_dict(wrong)
+    missing = {**state, "rows": {k: v for k, v in state["rows"].items() if k != rows[1]}}
+    with pytest.raises(ValueError, match="field 'rows' lacks"):
+        other.load_state_dict(missing)
+
+
 def test_heads_reject_vpl_and_linear_margin() -> None:
     from fr_train.heads import VPLConfig
 

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from fr_train.heads.cross_entropy import _matmul, margin_softmax_ce
 from fr_train.heads.margin import CombinedMargin
 from fr_train.heads.partial_fc import PartialFC, _block_init
-from fr_train.heads.sampled_step import check_seed_head, sampled_step
+from fr_train.heads.sampled_step import check_seed_head, load_with_memory_rows, sampled_step
 from fr_train.heads.sharded_softmax import sharded_softmax_ce
 from fr_train.heads.vpl import NEVER_WRITTEN, write_latest
 from fr_train.parallel.sharding import host_copy
@@ -105,16 +105,4 @@ class EPLHead(PartialFC):
         return state
 
     def load_state_dict(self, state: dict[str, Any], strict: bool = True, assign: bool = False) -> None:  # type: ignore[override]
-        rows = dict(state["rows"])
-        missing = [n for n in _MEMORY_ROWS if n not in rows]
-        if missing:
-            raise ValueError(f"head state: field 'rows' lacks {missing} (the EPL empirical prototypes)")
-        memory = {n: rows.pop(n) for n in _MEMORY_ROWS}
-        super().load_state_dict({**state, "rows": rows}, strict, assign)
-        with torch.no_grad():
-            for name, value in memory.items():
-                target = getattr(self, name)
-                if value.shape != target.shape:
-                    raise ValueError(f"head state: rows[{name!r}] has shape {tuple(value.shape)}, "
-                                     f"expected {tuple(target.shape)}")
-                target.copy_(value)
+        load_with_memory_rows(self, state, _MEMORY_ROWS, "the EPL empirical prototypes", strict, assign)

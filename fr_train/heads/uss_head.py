@@ -31,7 +31,7 @@ from fr_train.heads.margin import CombinedMargin
 from fr_train.heads.optim import RowSparseAdamW, RowSparseSGD
 from fr_train.heads.partial_fc import PartialFC
 from fr_train.heads.replicated import REPLICATED_KEY, move_in, move_out, rebuild_with
-from fr_train.heads.sampled_step import check_seed_head, sampled_step
+from fr_train.heads.sampled_step import check_seed_head, load_with_memory_rows, sampled_step
 from fr_train.heads.vpl import NEVER_WRITTEN, write_latest
 from fr_train.parallel.collectives import all_reduce_
 from fr_train.parallel.sharding import host_copy
@@ -149,19 +149,8 @@ class USSHead(PartialFC):
         ready = state[REPLICATED_KEY].get("unified_bias_ready", {}).get("value")
         if ready is None:
             raise ValueError("head state: field 'replicated.unified_bias_ready' is missing (not a USSHead state)")
-        rows = dict(state["rows"])
-        missing = [n for n in _MEMORY_ROWS if n not in rows]
-        if missing:
-            raise ValueError(f"head state: field 'rows' lacks {missing} (the USS class memory)")
-        memory = {n: rows.pop(n) for n in _MEMORY_ROWS}
-        super().load_state_dict({**state, "rows": rows}, strict, assign)
+        load_with_memory_rows(self, state, _MEMORY_ROWS, "the USS class memory", strict, assign)
         with torch.no_grad():
-            for name, value in memory.items():
-                target = getattr(self, name)
-                if value.shape != target.shape:
-                    raise ValueError(f"head state: rows[{name!r}] has shape {tuple(value.shape)}, "
-                                     f"expected {tuple(target.shape)}")
-                target.copy_(value)
             self.unified_bias.copy_(values["unified_bias"])
             self.unified_bias_ready.copy_(ready)
 
