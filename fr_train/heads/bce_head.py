@@ -90,6 +90,10 @@ class BCEHead(PartialFC):
         total = totals[0] + (local - local.detach()) + (b_param - b) * totals[1]
         return total / batch
 
+    def step_stats(self) -> dict[str, float]:
+        """PartialFC's, plus the learned unified threshold on the cosine scale (b / s)."""
+        return {**super().step_stats(), "unified_threshold": float(self.unified_bias.detach().sum()) / self.margin.s}
+
     def make_optimizer(self, lr: float, *args: Any, **kwargs: Any) -> RowSparseSGD | RowSparseAdamW:
         """PartialFC's row-sparse optimizer over the prototypes and the unified bias (one row)."""
         opt = super().make_optimizer(lr, *args, **kwargs)

@@ -264,6 +264,16 @@ class PartialFC(nn.Module):
         return loss
 
     # Optimizer -----------------------------------------------------------------------------------
+    def step_stats(self) -> dict[str, float]:
+        """What the last training step did, for the step record and the metrics (the interface every
+        head and pair loss offers the trainer): sampled classes on this rank, VPL's injected fraction."""
+        stats: dict[str, float] = {}
+        if self.last_sampled_classes is not None:
+            stats["sampled_classes"] = float(self.last_sampled_classes.numel())
+        if self.last_vpl_injected is not None:
+            stats["vpl_injected_fraction"] = float(self.last_vpl_injected)
+        return stats
+
     def make_optimizer(
         self,
         lr: float,

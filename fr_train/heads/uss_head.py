@@ -128,6 +128,10 @@ class USSHead(PartialFC):
         self.unified_bias_ready.fill_(True)
         return True
 
+    def step_stats(self) -> dict[str, float]:
+        """PartialFC's, plus the learned unified threshold on the cosine scale (b / s)."""
+        return {**super().step_stats(), "unified_threshold": float(self.unified_bias.detach().sum()) / self.margin.s}
+
     def make_optimizer(self, lr: float, *args: Any, **kwargs: Any) -> RowSparseSGD | RowSparseAdamW:
         """PartialFC's row-sparse optimizer over the prototypes and the unified bias (one row)."""
         opt = super().make_optimizer(lr, *args, **kwargs)

@@ -32,6 +32,10 @@ class ContrastiveLoss(nn.Module):
         self.margin, self.pos_weight = float(margin), float(pos_weight)
         self.comm = resolve_group(group)
 
+    def step_stats(self) -> dict[str, float]:
+        """The trainer's head interface: a pair loss has no prototypes to report on."""
+        return {}
+
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         gb = gather_global_batch(self.comm, embeddings, labels, "ContrastiveLoss.forward")
         cos = gb.x[gb.local] @ gb.x.t()  # this rank's anchors against the global batch

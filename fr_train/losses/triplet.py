@@ -49,6 +49,10 @@ class TripletLoss(nn.Module):
         self.last_valid: int | None = None
         """Global number of anchors (batch_hard) or positive pairs (semi_hard) in the last mean."""
 
+    def step_stats(self) -> dict[str, float]:
+        """The trainer's head interface: a pair loss has no prototypes to report on."""
+        return {}
+
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         gb = gather_global_batch(self.comm, embeddings, labels, "TripletLoss.forward")
         anchors, y_a = gb.x[gb.local], gb.labels[gb.local]

@@ -41,8 +41,7 @@ class RecordsMixin:
     def _observe(self, loss: float, times: StepTimes) -> None:
         step_s = max(times.total, 1e-9)
         grad_norm = self.engine.get_global_grad_norm()
-        injected = getattr(self.head, "last_vpl_injected", None)
-        sampled = getattr(self.head, "last_sampled_classes", None)
+        stats = self.head.step_stats()
         self.metrics.observe_step(
             step=self.state.step, epoch=self.state.epoch, loss=loss, lr=self.schedule.lr(max(self.state.step - 1, 0)),
             images_per_s_rank=self.cfg.data.batch_size / step_s, images_per_s_global=self.global_batch / step_s,
@@ -51,8 +50,8 @@ class RecordsMixin:
             grad_norm=None if grad_norm is None else float(grad_norm),
             loss_scale=eng.loss_scale(self.engine, self.format) if self.precision == "fp16" else None,
             skipped_steps=int(self.engine.skipped_steps),
-            sampled_classes=None if sampled is None else sampled.numel(),
-            vpl_injected_fraction=None if injected is None else float(injected),
+            sampled_classes=None if "sampled_classes" not in stats else int(stats["sampled_classes"]),
+            vpl_injected_fraction=stats.get("vpl_injected_fraction"),
         )
 
     def _record(self, loss: float, times: StepTimes, images_per_s: float) -> dict[str, Any]:
@@ -71,9 +70,9 @@ class RecordsMixin:
             "samples_seen": self.state.samples_seen,
             "peak_memory_gib": round(eng.peak_memory_bytes(self.device) / 2**30, 3),
         }
-        bias = getattr(self.head, "unified_bias", None)  # BCE / USS: the learned unified threshold
-        if bias is not None:
-            rec["unified_threshold"] = round(float(bias.detach().sum()) / self.cfg.head.s, 6)  # on the cosine scale
+        threshold = self.head.step_stats().get("unified_threshold")  # BCE / USS: the learned unified threshold
+        if threshold is not None:
+            rec["unified_threshold"] = round(threshold, 6)  # on the cosine scale
         if self.distill is not None:
             rec.update({f"distill_{k}": round(v, 6) for k, v in self.distill.last_terms.items()})
         remaining = self.total_steps - self.state.step
