@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fr_train.config import TrainConfig
+from fr_train.console import log, setup_console
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,7 @@ def prepare_data(cfg: TrainConfig) -> Path:
             seed=s.seed,
         )
         cache = Path(cfg.data.cache_dir).expanduser() / "synthetic"
-        print(f"[fr_train] embedded default: synthetic identities (cached in {cache})", flush=True)
+        log.info(f"embedded default: synthetic identities (cached in {cache})")
         data_dir = ensure_synthetic_dataset(cache, synth)
     prepare_dali_index(data_dir)
     return data_dir
@@ -115,12 +116,13 @@ def check_placement(placement: Placement, cfg: TrainConfig, local: bool) -> None
             raise PlacementError(f"{problem}; waited run.placement_timeout_s={cfg.run.placement_timeout_s:g} s "
                                  "for the cluster to grow")
         if now >= next_note:
-            print(f"[fr_train] waiting up to {deadline - now:.0f} s for room: {problem}", flush=True)
+            log.info(f"waiting up to {deadline - now:.0f} s for room: {problem}")
             next_note = now + 30.0
         time.sleep(min(5.0, max(0.1, deadline - now)))
 
 
 def launch(cfg: TrainConfig) -> int:
+    setup_console()
     import os
 
     import ray
@@ -155,9 +157,9 @@ def launch(cfg: TrainConfig) -> int:
     placement = choose_placement(cfg, ray.cluster_resources())
     check_placement(placement, cfg, local)
     clear_records(run_dir)  # a new launch: the cause an earlier one ended on may be fixed
-    print("[fr_train] resolved config:\n" + cfg.to_json(), flush=True)
-    print(f"[fr_train] run {cfg.run.name}: {placement.num_workers} worker(s), "
-          f"{'GPU' if placement.use_gpu else 'CPU'}, storage {storage}", flush=True)
+    log.info("resolved config:\n" + cfg.to_json())
+    log.info(f"run {cfg.run.name}: {placement.num_workers} worker(s), "
+          f"{'GPU' if placement.use_gpu else 'CPU'}, storage {storage}")
 
     trainer = TorchTrainer(
         train_loop,
@@ -188,17 +190,16 @@ def launch(cfg: TrainConfig) -> int:
         result, error = None, exc
     fatal = read_fatal(run_dir)
     if fatal is not None:  # an error no restart fixes: the workers stopped retrying
-        print(f"[fr_train] run {cfg.run.name} FAILED (not retried: a restart cannot fix it): {fatal['error']}",
-              flush=True)
+        log.info(f"run {cfg.run.name} FAILED (not retried: a restart cannot fix it): {fatal['error']}")
         return 1
     if error is not None or result is None:
-        print(f"[fr_train] run {cfg.run.name} FAILED after run.max_failures={cfg.run.max_failures} restarts: "
+        log.info(f"run {cfg.run.name} FAILED after run.max_failures={cfg.run.max_failures} restarts: "
               f"{root_cause(error)}; the newest checkpoint in {run_dir / 'checkpoints'} is intact: run the same "
-              "command to resume", flush=True)
+              "command to resume")
         return 1
-    print(summarize_run(storage / cfg.run.name), flush=True)
+    log.info(summarize_run(storage / cfg.run.name))
     if result.checkpoint is not None:
-        print(f"[fr_train] Ray Train's latest checkpoint: {result.checkpoint.path}", flush=True)
+        log.info(f"Ray Train's latest checkpoint: {result.checkpoint.path}")
     return 0
 
 
@@ -232,13 +233,13 @@ def summarize_run(run_dir: Path) -> str:
     """One line on how the run ended, from rank 0's JSON-lines log."""
     from fr_train.train.records import LOG_NAME, read_events
 
-    log = run_dir / LOG_NAME
+    log_path = run_dir / LOG_NAME
     records = read_events(run_dir)
     evals = [r for r in records if r.get("event") == "eval"]
     end = next((r for r in reversed(records) if r.get("event") == "end"), None)
     if end is None:
-        return f"[fr_train] run finished without an end record; see {log}"
-    parts = [f"[fr_train] finished {end['step']} steps; model in {end['final_dir']}"]
+        return f"run finished without an end record; see {log_path}"
+    parts = [f"finished {end['step']} steps; model in {end['final_dir']}"]
     for name in dict.fromkeys(r["set"] for r in evals):
         first = next(r for r in evals if r["set"] == name)
         last = [r for r in evals if r["set"] == name][-1]

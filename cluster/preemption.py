@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-log = logging.getLogger("cluster.preemption")
+log = logging.getLogger("fr_train.preemption")
 
 _requested = threading.Event()
 _active = threading.Event()

@@ -63,20 +63,21 @@ def test_a_nan_loss_twice_at_one_step_is_fatal(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------------
 # The real CLI on a real local Ray cluster
 # ------------------------------------------------------------------------------------------------
-def _fr_train(tmp_path: Path, cache: Path, *args: str, timeout: float = 300) -> tuple[int, str, float]:
+def _fr_train(tmp_path: Path, cache: Path, *args: str, timeout: float = 300) -> tuple[int, str, str, float]:
+    """(exit code, stdout + stderr, stdout alone, seconds)."""
     cmd = [str(BIN / "fr_train"), "mbf", "arcface", "--storage", str(tmp_path / "runs"), "--max-steps", "2",
            "--set", f"data.cache_dir={cache}", *[a for s in TINY for a in ("--set", s)],
            "--set", "data.batch_size=8", "--set", "eval.enabled=false", "--set", "run.export_onnx=false", *args]
     t0 = time.monotonic()
     proc = subprocess.run(cmd, env=_env(tmp_path), capture_output=True, text=True, timeout=timeout,
                           stdin=subprocess.DEVNULL)
-    return proc.returncode, proc.stdout + proc.stderr, time.monotonic() - t0
+    return proc.returncode, proc.stdout + proc.stderr, proc.stdout, time.monotonic() - t0
 
 
 @pytest.mark.slow
 def test_more_workers_than_a_local_cluster_holds_is_refused_at_once(tmp_path: Path,
                                                                     tmp_path_factory: pytest.TempPathFactory) -> None:
-    rc, out, seconds = _fr_train(tmp_path, tmp_path_factory.mktemp("faults_cache"), "--num-workers", "3",
+    rc, out, _, seconds = _fr_train(tmp_path, tmp_path_factory.mktemp("faults_cache"), "--num-workers", "3",
                                  "--name", "too-many", "--set", "run.cpus_per_worker=1", timeout=240)
     assert rc == 1, out[-3000:]
     assert "do not fit this Ray cluster" in out and "--num-workers 2" in out and "cannot grow" in out, out[-3000:]
@@ -90,11 +91,11 @@ def test_a_resume_path_that_is_not_a_checkpoint_fails_once_with_one_line(
     not_a_checkpoint = tmp_path / "somewhere"
     not_a_checkpoint.mkdir()
     (not_a_checkpoint / "notes.txt").write_text("mine")
-    rc, out, seconds = _fr_train(tmp_path, tmp_path_factory.mktemp("faults_cache"), "--num-workers", "1",
+    rc, out, stdout, seconds = _fr_train(tmp_path, tmp_path_factory.mktemp("faults_cache"), "--num-workers", "1",
                                  "--name", "bad-resume", "--resume", str(not_a_checkpoint),
                                  "--set", "run.max_failures=3", timeout=600)
     assert rc == 1, out[-3000:]
-    last = out.strip().splitlines()[-1]
+    last = stdout.strip().splitlines()[-1]  # what the user reads last (Ray's own logs go to stderr)
     assert last.startswith("[fr_train] run bad-resume FAILED (not retried"), out[-3000:]
     assert "not an fr_train checkpoint" in last and str(not_a_checkpoint) in last, last
     log = tmp_path / "runs" / "bad-resume" / "train_log.jsonl"

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch.distributed as dist
 
+from fr_train.console import log
 from fr_train.train.components import seed_everything
 
 if TYPE_CHECKING:
@@ -123,8 +124,8 @@ class CheckpointingMixin:
         self.resumed_from = path
         self.metrics.mark_resume()
         if self.rank == 0:
-            print(f"[fr_train] resumed from {path} at step {self.state.step} (epoch {self.state.epoch}, "
-                  f"saved by {ckpt.world_size} rank(s), now {self.world})", flush=True)
+            log.info(f"resumed from {path} at step {self.state.step} (epoch {self.state.epoch}, "
+                  f"saved by {ckpt.world_size} rank(s), now {self.world})")
 
     def save_checkpoint(self, sync: bool = False) -> None:
         """Every rank writes its shard (head, data position, RNG); rank 0 adds the backbone and its
@@ -179,8 +180,8 @@ class CheckpointingMixin:
         self._notice_handled = notice
         self.metrics.mark_preemption()
         if self.rank == 0:
-            print(f"[fr_train] preemption notice at step {self.state.step}: {notice}; checkpointing now, "
-                  "training goes on until the node is reclaimed", flush=True)
+            log.info(f"preemption notice at step {self.state.step}: {notice}; checkpointing now, "
+                  "training goes on until the node is reclaimed")
         return True
 
     def _checkpoint_to_report(self) -> Path | None:
@@ -203,6 +204,6 @@ class CheckpointingMixin:
         per_batch = self.cfg.data.batch_size * self.world
         self._skip_batches = epoch_samples // per_batch
         if epoch_samples % per_batch and self.rank == 0:
-            print(f"[fr_train] resume: {epoch_samples} samples into epoch {self.state.epoch} is not a whole number "
+            log.info(f"resume: {epoch_samples} samples into epoch {self.state.epoch} is not a whole number "
                   f"of global batches of {per_batch}; skipping {self._skip_batches * per_batch} "
-                  f"({epoch_samples % per_batch} samples are seen again)", flush=True)
+                  f"({epoch_samples % per_batch} samples are seen again)")

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from fr_train.config import TrainConfig
+from fr_train.console import log
 from fr_train.train.engine import EngineFormat
 
 
@@ -67,7 +68,7 @@ def build_distillation(cfg: TrainConfig, image_size: int, fmt: EngineFormat, dev
                                       ekd_topk=d.ekd_topk, ekd_temperature=d.ekd_temperature,
                                       ekd_momentum=d.ekd_momentum)).to(device)
     if rank == 0:
-        print(f"[fr_train] distilling from {d.teacher} ({info['backbone']}, {info['embedding_size']}-d)", flush=True)
+        log.info(f"distilling from {d.teacher} ({info['backbone']}, {info['embedding_size']}-d)")
     return teacher, loss
 
 

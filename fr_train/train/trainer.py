@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from fr_train.config import TrainConfig
+from fr_train.console import log, setup_console
 from fr_train.parallel.collectives import scale_backbone_grad
 from fr_train.train import engine as eng
 from fr_train.train.checkpoints import CheckpointingMixin
@@ -62,6 +63,7 @@ class Trainer(CheckpointingMixin, RecordsMixin):
         different for the next launch (train_loop: the Ray session and job). A start with the launch id
         the run directory recorded is a restart: it continues that launch's progress instead of applying
         checkpoint.resume=never or run.overwrite again. None (tests, scripts): every Trainer is a new start."""
+        setup_console()
         self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
         self._data_override = data
         # report(metrics, newly committed checkpoint directory or None), on every rank at the same steps
@@ -278,8 +280,8 @@ class Trainer(CheckpointingMixin, RecordsMixin):
                     last_eval = self.evaluate()
                 if self.external_stop() and not self.stop_requested:
                     self.stop_requested = True
-                    print(f"[fr_train] rank {self.rank}: SIGTERM at step {st.step}: checkpointing this step on every "
-                          "rank, then stopping", flush=True)
+                    log.info(f"rank {self.rank}: SIGTERM at step {st.step}: checkpointing this step on every "
+                          "rank, then stopping")
                 stopping, save_due = self._agree(self.stop_requested, self.save_policy.due(st.step))
                 self.stop_requested = stopping
                 if not stopping and self._preempted():
@@ -306,8 +308,8 @@ class Trainer(CheckpointingMixin, RecordsMixin):
                 dist.barrier()
             self.metrics.close(clean=False)
             if self.rank == 0:
-                print(f"[fr_train] stopped at step {st.step} on request; checkpoint saved, resume with "
-                      f"the same --name", flush=True)
+                log.info(f"stopped at step {st.step} on request; checkpoint saved, resume with "
+                      f"the same --name")
             return st
         self.ckpt.close()
         last_eval = self.evaluate()
@@ -331,8 +333,8 @@ class Trainer(CheckpointingMixin, RecordsMixin):
                     float(k.removeprefix("tar_at_far_")): v for k, v in r.items() if k.startswith("tar_at_far_")})
                 append_event(self.log_path, {"event": "eval", "time": round(time.time(), 3), "step": self.state.step,
                                              "set": vs.name, **r})
-                print(f"[fr_train] eval step {self.state.step} {vs.name}: accuracy {r['accuracy']:.4f} "
-                      f"± {r['accuracy_std']:.4f}, TAR@FAR=1e-3 {r['tar_at_far_1e-3']:.4f}", flush=True)
+                log.info(f"eval step {self.state.step} {vs.name}: accuracy {r['accuracy']:.4f} "
+                      f"± {r['accuracy_std']:.4f}, TAR@FAR=1e-3 {r['tar_at_far_1e-3']:.4f}")
             model.train(was_training)
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
@@ -353,7 +355,7 @@ class Trainer(CheckpointingMixin, RecordsMixin):
                 export_onnx(model.cpu(), out / "backbone.onnx", image_size=self.image_size[0])
             append_event(self.log_path, {"event": "end", "step": self.state.step, "eval": last_eval,
                                          "final_dir": str(out)})
-            print(f"[fr_train] done: {self.state.step} steps; model in {out}", flush=True)
+            log.info(f"done: {self.state.step} steps; model in {out}")
         flat = {f"eval/{name}/{k}": v for name, r in last_eval.items() for k, v in r.items()
                 if isinstance(v, int | float)}
         self.report({"step": self.state.step, "done": 1, **flat}, self._checkpoint_to_report())
