@@ -101,7 +101,7 @@ def test_ray_job_submit_runs_fr_train_to_success(cache_dir: Path, tmp_path: Path
     address = f"http://127.0.0.1:{dash}"
     try:
         submit = [str(BIN / "ray"), "job", "submit", "--address", address, "--no-wait", "--",
-                  str(BIN / "fr_train"), "r18", "vpl", "--max-steps", "6", "--num-workers", "2",
+                  str(BIN / "fr_train"), "mbf", "vpl", "--max-steps", "6", "--num-workers", "2",
                   "--storage", str(tmp_path / "runs"), "--name", "job",
                   "--set", f"data.cache_dir={cache_dir}", *[a for s in TINY + GPU_CONFIG for a in ("--set", s)],
                   "--set", "data.batch_size=8", "--set", "run.log_every=2", "--set", "head.vpl_start_iter=2",
