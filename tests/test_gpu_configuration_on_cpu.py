@@ -134,20 +134,9 @@ def _tiny_config(tmp: Path, cache: Path, name: str, *extra: str) -> dict:
 
 
 def _fit(rank: int, world: int, cfg_dict: dict, stop_after: int) -> dict:
-    from fr_train.config import TrainConfig
-    from fr_train.train.trainer import Trainer
+    from tests.test_resume import fit_stopping_after
 
-    trainer = Trainer(TrainConfig.from_dict(cfg_dict), rank, world, torch.device("cpu"))
-    if stop_after:  # a stop request on the last rank during step `stop_after` (as a SIGTERM would)
-        observe = trainer._observe
-
-        def observe_then_maybe_stop(loss: float, times: object) -> None:
-            observe(loss, times)
-            if trainer.state.step == stop_after and rank == world - 1:
-                trainer.stop_requested = True
-
-        trainer._observe = observe_then_maybe_stop
-    trainer.fit()
+    trainer = fit_stopping_after(rank, world, cfg_dict, stop_after)
     return {"losses": [(h["step"], h["loss"]) for h in trainer.state.history], "precision": trainer.precision,
             "dtype": str(trainer.format.dtype), "channels_last": trainer.format.channels_last}
 
@@ -185,17 +174,6 @@ def test_bf16_channels_last_run_through_dali_resumes_bitwise_at_two_ranks(
     assert first + second == straight  # bitwise: the bf16 weights, fp32 master copies, RNG and data position
 
 
-def _same_batch_losses(rank: int, world: int, cfg_dict: dict, images: torch.Tensor, labels: torch.Tensor,
-                       steps: int, global_batch: int) -> list[float]:
-    from fr_train.config import TrainConfig
-    from tests.test_train_e2e import fit_on_same_global_batches
-
-    cfg = TrainConfig.from_dict(cfg_dict)
-    cfg.run.name = f"{cfg.run.name}-w{world}"
-    trainer = fit_on_same_global_batches(cfg, rank, world, images, labels, steps, global_batch)
-    return [h["loss"] for h in trainer.state.history]
-
-
 @pytest.mark.slow
 def test_bf16_two_ranks_follow_the_loss_curve_of_one_through_an_in_memory_source(
         tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
@@ -207,14 +185,14 @@ def test_bf16_two_ranks_follow_the_loss_curve_of_one_through_an_in_memory_source
     measured 1.7e-4 relative at most over 4 steps (2026-11-30, this 2-core CPU). 5e-3 is about one ulp,
     while a real error (a missing ×W on the gradient, a wrong dtype in the head) moves the loss by
     percents (the fp32 test holds the same comparison to 1e-4)."""
-    from tests.test_train_e2e import _real_images
+    from tests.test_train_e2e import _real_images, _train_losses
 
     cfg = _tiny_config(tmp_path, tmp_path_factory.mktemp("gpu_cfg_cache"), "equiv", "eval.enabled=false",
                        "schedule.max_steps=4", "optimizer.clip_grad_norm=0", "optimizer.lr=0.002",
                        "checkpoint.resume=never", "checkpoint.every_steps=0")
     images, labels = _real_images(Path(cfg["data"]["path"]), 64)
-    one = np.array(run_distributed(_same_batch_losses, 1, cfg, images, labels, 4, 16, timeout=900)[0])
-    two = run_distributed(_same_batch_losses, 2, cfg, images, labels, 4, 16, timeout=900)
+    one = np.array(run_distributed(_train_losses, 1, cfg, images, labels, 4, 16, timeout=900)[0])
+    two = run_distributed(_train_losses, 2, cfg, images, labels, 4, 16, timeout=900)
     print(f"\nbf16 W=1 {one.tolist()}\nbf16 W=2 {two[0]}")
     assert two[0] == two[1]  # the loss is the same number on every rank
     assert np.isfinite(one).all()

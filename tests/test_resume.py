@@ -7,6 +7,7 @@ preemption and SIGTERM."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -15,12 +16,14 @@ from tests.distributed import run_distributed
 from tests.test_train_e2e import SYNTH
 
 
-def _losses(rank: int, world: int, cfg_dict: dict, stop_after: int) -> list[tuple[int, float]]:
+def fit_stopping_after(rank: int, world: int, cfg_dict: dict, stop_after: int) -> Any:
+    """A fitted Trainer; with ``stop_after``, a stop request (as a preemption notice or a SIGTERM
+    would give) arrives on the last rank only, during step ``stop_after``."""
     from fr_train.config import TrainConfig
     from fr_train.train.trainer import Trainer
 
     trainer = Trainer(TrainConfig.from_dict(cfg_dict), rank, world, torch.device("cpu"))
-    if stop_after:  # a preemption notice arriving on rank 1 only, during step `stop_after`
+    if stop_after:
         observe = trainer._observe
 
         def observe_then_maybe_stop(loss: float, times: object) -> None:
@@ -30,6 +33,11 @@ def _losses(rank: int, world: int, cfg_dict: dict, stop_after: int) -> list[tupl
 
         trainer._observe = observe_then_maybe_stop
     trainer.fit()
+    return trainer
+
+
+def _losses(rank: int, world: int, cfg_dict: dict, stop_after: int) -> list[tuple[int, float]]:
+    trainer = fit_stopping_after(rank, world, cfg_dict, stop_after)
     return [(h["step"], h["loss"]) for h in trainer.state.history]
 
 
