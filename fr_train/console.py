@@ -37,5 +37,7 @@ def setup_console(level: int = logging.INFO) -> logging.Logger:
         handler.setFormatter(_Format())
         log.addHandler(handler)
     log.setLevel(level)
-    log.propagate = False  # printed here once, not again by the root logger
+    # Records still propagate to the root logger: it has no console handler in fr_train's processes
+    # (nor in Ray's workers), so nothing prints twice, and log capture (pytest's caplog, a user's
+    # file handler on the root) keeps seeing fr_train's records.
     return log
