@@ -159,7 +159,7 @@ def launch(cfg: TrainConfig) -> int:
     clear_records(run_dir)  # a new launch: the cause an earlier one ended on may be fixed
     log.info("resolved config:\n" + cfg.to_json())
     log.info(f"run {cfg.run.name}: {placement.num_workers} worker(s), "
-          f"{'GPU' if placement.use_gpu else 'CPU'}, storage {storage}")
+             f"{'GPU' if placement.use_gpu else 'CPU'}, storage {storage}")
 
     trainer = TorchTrainer(
         train_loop,
@@ -194,8 +194,8 @@ def launch(cfg: TrainConfig) -> int:
         return 1
     if error is not None or result is None:
         log.info(f"run {cfg.run.name} FAILED after run.max_failures={cfg.run.max_failures} restarts: "
-              f"{root_cause(error)}; the newest checkpoint in {run_dir / 'checkpoints'} is intact: run the same "
-              "command to resume")
+                 f"{root_cause(error)}; the newest checkpoint in {run_dir / 'checkpoints'} is intact: run the same "
+                 "command to resume")
         return 1
     log.info(summarize_run(storage / cfg.run.name))
     if result.checkpoint is not None:

@@ -125,7 +125,7 @@ class CheckpointingMixin:
         self.metrics.mark_resume()
         if self.rank == 0:
             log.info(f"resumed from {path} at step {self.state.step} (epoch {self.state.epoch}, "
-                  f"saved by {ckpt.world_size} rank(s), now {self.world})")
+                     f"saved by {ckpt.world_size} rank(s), now {self.world})")
 
     def save_checkpoint(self, sync: bool = False) -> None:
         """Every rank writes its shard (head, data position, RNG); rank 0 adds the backbone and its
@@ -181,7 +181,7 @@ class CheckpointingMixin:
         self.metrics.mark_preemption()
         if self.rank == 0:
             log.info(f"preemption notice at step {self.state.step}: {notice}; checkpointing now, "
-                  "training goes on until the node is reclaimed")
+                     "training goes on until the node is reclaimed")
         return True
 
     def _checkpoint_to_report(self) -> Path | None:
@@ -205,5 +205,5 @@ class CheckpointingMixin:
         self._skip_batches = epoch_samples // per_batch
         if epoch_samples % per_batch and self.rank == 0:
             log.info(f"resume: {epoch_samples} samples into epoch {self.state.epoch} is not a whole number "
-                  f"of global batches of {per_batch}; skipping {self._skip_batches * per_batch} "
-                  f"({epoch_samples % per_batch} samples are seen again)")
+                     f"of global batches of {per_batch}; skipping {self._skip_batches * per_batch} "
+                     f"({epoch_samples % per_batch} samples are seen again)")

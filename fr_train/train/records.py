@@ -85,7 +85,7 @@ class RecordsMixin:
         if self.rank == 0:
             append_event(self.log_path, {"event": "train", **record})
             log.info(f"step {record['step']}/{self.total_steps} loss {record['loss']:.4f} "
-                  f"lr {record['lr']:.4g} {record['images_per_s']:.1f} img/s eta {record['eta_s']:.0f}s")
+                     f"lr {record['lr']:.4g} {record['images_per_s']:.1f} img/s eta {record['eta_s']:.0f}s")
             if progress is not None:
                 progress.update(record["step"] - progress.n)
                 progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.3g}",
@@ -115,7 +115,7 @@ class RecordsMixin:
             "run_directory": self.start.to_json(),  # resumed from, skipped checkpoints, replaced run
         }
         log.info(f"{self.cfg.backbone.name}: {info['backbone_gflops']} GFLOPs (2 × multiply-adds) forward per "
-              f"{self.image_size[0]}x{self.image_size[1]} image; {self.num_classes} classes over {self.world} "
-              f"rank(s); global batch {self.global_batch}; {self.total_steps} steps; {self.precision}"
-              f"{', channels_last' if self.format.channels_last else ''} on {self.device.type}")
+                 f"{self.image_size[0]}x{self.image_size[1]} image; {self.num_classes} classes over {self.world} "
+                 f"rank(s); global batch {self.global_batch}; {self.total_steps} steps; {self.precision}"
+                 f"{', channels_last' if self.format.channels_last else ''} on {self.device.type}")
         append_event(self.log_path, info)

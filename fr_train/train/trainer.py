@@ -281,7 +281,7 @@ class Trainer(CheckpointingMixin, RecordsMixin):
                 if self.external_stop() and not self.stop_requested:
                     self.stop_requested = True
                     log.info(f"rank {self.rank}: SIGTERM at step {st.step}: checkpointing this step on every "
-                          "rank, then stopping")
+                             "rank, then stopping")
                 stopping, save_due = self._agree(self.stop_requested, self.save_policy.due(st.step))
                 self.stop_requested = stopping
                 if not stopping and self._preempted():
@@ -309,7 +309,7 @@ class Trainer(CheckpointingMixin, RecordsMixin):
             self.metrics.close(clean=False)
             if self.rank == 0:
                 log.info(f"stopped at step {st.step} on request; checkpoint saved, resume with "
-                      f"the same --name")
+                         f"the same --name")
             return st
         self.ckpt.close()
         last_eval = self.evaluate()
@@ -334,7 +334,7 @@ class Trainer(CheckpointingMixin, RecordsMixin):
                 append_event(self.log_path, {"event": "eval", "time": round(time.time(), 3), "step": self.state.step,
                                              "set": vs.name, **r})
                 log.info(f"eval step {self.state.step} {vs.name}: accuracy {r['accuracy']:.4f} "
-                      f"± {r['accuracy_std']:.4f}, TAR@FAR=1e-3 {r['tar_at_far_1e-3']:.4f}")
+                         f"± {r['accuracy_std']:.4f}, TAR@FAR=1e-3 {r['tar_at_far_1e-3']:.4f}")
             model.train(was_training)
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
