@@ -14,6 +14,7 @@ from pathlib import Path
 
 from fr_train.config import TrainConfig
 from fr_train.console import log, setup_console
+from fr_train.train.batch_plan import is_elastic
 
 
 @dataclass(frozen=True)
@@ -94,19 +95,23 @@ def check_placement(placement: Placement, cfg: TrainConfig, local: bool) -> None
     """Compare the request with the cluster before any worker starts. Ray itself would wait forever
     for room that a local cluster never gets (and Ctrl-C does not end that wait). A local cluster is
     refused at once; a joined one (which an autoscaler may grow) is waited for, with a message, up
-    to run.placement_timeout_s."""
+    to run.placement_timeout_s. An elastic run needs room for run.min_workers to start."""
     per = f"{cfg.run.cpus_per_worker} CPU{' + 1 GPU' if placement.use_gpu else ''}"
+    needed, key = placement.num_workers, "run.num_workers"
+    if is_elastic(cfg.run):
+        needed, key = cfg.run.min_workers, "run.min_workers"
     deadline = time.monotonic() + cfg.run.placement_timeout_s
     next_note = 0.0
     while True:
         nodes = _node_resources()
         fit = placeable_workers(placement, cfg.run.cpus_per_worker, nodes)
-        if fit >= placement.num_workers:
+        if fit >= needed:
             return
         cpus, gpus = sum(n.get("CPU", 0) for n in nodes), sum(n.get("GPU", 0) for n in nodes)
-        problem = (f"run.num_workers={placement.num_workers} workers of {per} each do not fit this Ray cluster "
+        flag = "--min-workers" if key == "run.min_workers" else "--num-workers"
+        problem = (f"{key}={needed} workers of {per} each do not fit this Ray cluster "
                    f"({len(nodes)} node(s), {cpus:g} CPUs, {gpus:g} GPUs in all): it holds {fit}. Pass "
-                   f"--num-workers {max(fit, 1)} (or fewer)"
+                   f"{flag} {max(fit, 1)} (or fewer)"
                    + (", or --set run.cpus_per_worker=1" if cfg.run.cpus_per_worker > 1 else "")
                    + ", or add nodes")
         if local:
@@ -156,17 +161,22 @@ def launch(cfg: TrainConfig) -> int:
             ray.init(log_to_driver=True)
     placement = choose_placement(cfg, ray.cluster_resources())
     check_placement(placement, cfg, local)
+    elastic = is_elastic(cfg.run)
     clear_records(run_dir)  # a new launch: the cause an earlier one ended on may be fixed
     log.info("resolved config:\n" + cfg.to_json())
-    log.info(f"run {cfg.run.name}: {placement.num_workers} worker(s), "
-             f"{'GPU' if placement.use_gpu else 'CPU'}, storage {storage}")
+    size = f"{cfg.run.min_workers} to {placement.num_workers} workers (elastic)" if elastic else \
+        f"{placement.num_workers} worker(s)"
+    log.info(f"run {cfg.run.name}: {size}, {'GPU' if placement.use_gpu else 'CPU'}, storage {storage}")
 
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"config": cfg.to_dict()},
         torch_config=TorchConfig(backend="nccl" if placement.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
-            num_workers=placement.num_workers,
+            # Elastic: Ray restarts the group at any size in the range the cluster holds (node lost: at
+            # once; room back: at the next resize check); every start resumes from the newest checkpoint.
+            num_workers=(cfg.run.min_workers, placement.num_workers) if elastic else placement.num_workers,
+            elastic_resize_monitor_interval_s=cfg.run.resize_interval_s,
             use_gpu=placement.use_gpu,
             resources_per_worker={"CPU": cfg.run.cpus_per_worker, **({"GPU": 1} if placement.use_gpu else {})},
         ),

@@ -17,6 +17,8 @@ examples:
   fr_train r100 vpl --data /data/ms1m --num-workers 8 --name ms1m-vpl
   fr_train r50 cosface --data /data/ms1m --set head.sample_rate=0.1 --set optimizer.lr=0.2
   ray job submit --address http://HEAD:8265 -- fr_train r100 vpl --data /data/ms1m
+  fr_train r100 arcface --data /data/ms1m --num-workers 8 --min-workers 4 --set data.sampler=global
+                                                # elastic: 4 to 8 GPUs, the same global batch
   fr_train list                                 # backbones, methods and every --set key
 """
 
@@ -36,6 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "synthetic dataset, built once and cached)")
     p.add_argument("--num-workers", type=int, default=None,
                    help="Ray Train workers, one per GPU (default: all GPUs, or 2 CPU workers without GPUs)")
+    p.add_argument("--min-workers", type=int, default=None,
+                   help="elastic run: train on anything from this many workers up to --num-workers, resizing as "
+                   "nodes leave and return, the global batch unchanged (run.min_workers; needs "
+                   "--set data.sampler=global or pk; default: a fixed size)")
     p.add_argument("--name", default=None, help="run name; the same name resumes the run (default: generated)")
     p.add_argument("--storage", default=None, help="run storage path, shared by all nodes (default: ~/fr_train_runs)")
     p.add_argument("--config", default=None, metavar="FILE.toml", help="TOML file of config overrides")
@@ -56,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     flag_overrides = []
-    for flag, key in (("data", "data.path"), ("num_workers", "run.num_workers"), ("name", "run.name"),
+    for flag, key in (("data", "data.path"), ("num_workers", "run.num_workers"), ("min_workers", "run.min_workers"),
+                      ("name", "run.name"),
                       ("storage", "run.storage"), ("max_steps", "schedule.max_steps"),
                       ("epochs", "schedule.epochs"), ("resume", "checkpoint.resume")):
         value = getattr(args, flag)

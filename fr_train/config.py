@@ -50,9 +50,11 @@ class DataConfig:
     last_batch: Literal["drop"] = "drop"
     """Training drops each rank's incomplete last batch (a different random remainder each epoch):
     padded samples would be counted twice by the loss."""
-    sampler: Literal["shuffle", "pk"] = "shuffle"
-    """shuffle: DALI's reader with its shuffle window; pk: global batches of P identities × K images
-    (data.pk_images_per_identity), for the sample-to-sample losses (data_pipeline/pk_sampler.py)."""
+    sampler: Literal["shuffle", "global", "pk"] = "shuffle"
+    """shuffle: DALI's reader, a shard per rank with its shuffle window; global: one seeded permutation
+    of all images per epoch, the same global batches at any world size (data_pipeline/scheduled.py;
+    needed by elastic runs); pk: global batches of P identities × K images (data.pk_images_per_identity),
+    for the sample-to-sample losses (data_pipeline/pk_sampler.py), also world-size independent."""
     pk_images_per_identity: int = 4
     """K of the pk sampler; P = global batch / K."""
     cache_dir: str = "~/.cache/fr_train"
@@ -65,6 +67,10 @@ class BackboneConfig:
     name: str = "r50"
     embedding_size: int = 512
     dropout: float = 0.0
+    freeze_bn: bool = False
+    """BatchNorm normalises with its running statistics in training too and never updates them (the
+    affine parameters train): steps then do not depend on how the global batch is split over workers
+    and micro-batches (fr_train/backbones/norm.py). For fine-tuning, and exact elastic runs."""
 
 
 @dataclass
@@ -148,6 +154,15 @@ class RunSettings:
     storage: str = "~/fr_train_runs"
     num_workers: int = 0
     """Ray Train workers (one per GPU); 0: all GPUs of the cluster, or 2 CPU workers without GPUs."""
+    min_workers: int = 0
+    """Elastic runs: the fewest workers to train on (0: num_workers, a fixed size). Between min_workers and
+    num_workers, Ray Train restarts the workers at whatever size the cluster holds (a node lost: fewer;
+    one back: more), each time from the newest checkpoint, and the global batch data.batch_size ×
+    num_workers × grad_accum stays the same (fr_train/train/batch_plan.py). Needs data.sampler=global
+    or pk (the same images per step at any size) and an explicit num_workers."""
+    resize_interval_s: float = 60.0
+    """Elastic runs: how often Ray Train looks for room to grow while training
+    (ScalingConfig.elastic_resize_monitor_interval_s). A grow restarts from the newest checkpoint."""
     use_gpu: Literal["auto", "yes", "no"] = "auto"
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     """auto: bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU. bf16 also runs on CPU (slowly:
@@ -187,6 +202,9 @@ class MetricsConfig:
     """Serve /metrics on port+rank (0: no server)."""
     bind: str = "127.0.0.1"
     push_interval: float = 5.0
+    below_max_alert_minutes: float = 30.0
+    """Elastic runs: the FrTrainBelowMaxSize alert fires after the run trained below run.num_workers for
+    this long (exported as fr_train_below_max_size_alert_seconds, read by ops/prometheus/alerts.yml)."""
 
 
 @dataclass

@@ -64,6 +64,29 @@ def _check_ip(value: str) -> None:
                "(all IPv4 interfaces) or :: (all IPv6 interfaces)", got=value)
 
 
+def _check_elastic(cfg: TrainConfig) -> None:
+    r = cfg.run
+    _check(r.min_workers >= 0, "run.min_workers", "must be >= 0 (0: a fixed size of run.num_workers)")
+    _check(r.resize_interval_s > 0, "run.resize_interval_s", "must be > 0 seconds")
+    _check(cfg.metrics.below_max_alert_minutes > 0, "metrics.below_max_alert_minutes", "must be > 0")
+    if r.min_workers == 0:
+        return
+    _check(r.num_workers > 0, "run.min_workers",
+           "needs an explicit run.num_workers (--num-workers), the largest size of the elastic run")
+    _check(r.min_workers <= r.num_workers, "run.min_workers", f"must be <= run.num_workers ({r.num_workers})",
+           got=r.min_workers)
+    if r.min_workers < r.num_workers:
+        _check(cfg.data.sampler in ("global", "pk"), "data.sampler",
+               "must be global or pk in an elastic run (run.min_workers < run.num_workers): the shuffle reader's "
+               "batches depend on the number of workers; pass --set data.sampler=global", got=cfg.data.sampler)
+        from fr_train.train.batch_plan import check_elastic_range
+
+        try:
+            check_elastic_range(cfg)
+        except ValueError as exc:
+            raise ConfigError(f"run.min_workers: {exc}") from None
+
+
 def validate(cfg: TrainConfig) -> None:
     """Ranges and cross-field rules; every message names the key and the valid range."""
     from fr_train.backbones import BACKBONES  # local: backbones import torch
@@ -118,6 +141,7 @@ def validate(cfg: TrainConfig) -> None:
     _check(cfg.run.num_workers >= 0, "run.num_workers", "must be >= 0 (0: automatic)")
     _check(cfg.run.zero_stage in (0, 1, 2), "run.zero_stage", "must be 0, 1 or 2 (the head is model-parallel)")
     _check(cfg.run.grad_accum >= 1, "run.grad_accum", "must be >= 1")
+    _check_elastic(cfg)
     _check(cfg.run.log_every >= 1, "run.log_every", "must be >= 1")
     _check(cfg.checkpoint.preemption_poll_steps >= 0, "checkpoint.preemption_poll_steps", "must be >= 0")
     _check(cfg.checkpoint.sigterm_grace_s > 0, "checkpoint.sigterm_grace_s", "must be > 0")

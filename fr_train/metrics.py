@@ -260,6 +260,17 @@ class RunMetrics:
                                           "Preemption notices (a node of the run drained) answered with a checkpoint.")
         self.start_time = gauge("fr_train_start_time_seconds", "Unix time this worker process started the run.")
         self.world_size = gauge("fr_train_world_size", "Number of ranks of the run.")
+        self.world_size_max = gauge("fr_train_world_size_max", "Largest number of ranks of the run (run.num_workers; "
+                                    "an elastic run trains on fewer while nodes are missing).")
+        self.resizes = counter("fr_train_resizes", "Times an elastic run restarted on another number of ranks, by "
+                               "direction (shrink: nodes lost; grow: nodes back). Rank 0, counted over the run.",
+                               ("direction",))
+        self.below_max_since = gauge("fr_train_below_max_size_since_timestamp_seconds",
+                                     "Unix time an elastic run first started below its largest size in its current "
+                                     "stretch below it; 0 at full size. Rank 0.")
+        self.below_max_alert = gauge("fr_train_below_max_size_alert_seconds",
+                                     "How long an elastic run may train below its largest size before "
+                                     "FrTrainBelowMaxSize fires (metrics.below_max_alert_minutes).")
 
     def _child(self, metric: Any, *extra: str) -> Any:
         """The labelled series (cached: ``labels()`` takes a lock and builds a tuple every call)."""
@@ -356,6 +367,21 @@ class RunMetrics:
     def mark_resume(self) -> None:
         """This worker resumed from a checkpoint."""
         self._child(self.resumes).inc()
+
+    def observe_size(self, max_world: int, resizes: Mapping[str, int], below_max_since: float,
+                     alert_after_s: float) -> None:
+        """Rank 0 of an elastic run, at its start: the largest size, the resizes of the run so far (from
+        its log), when its current stretch below the largest size began; and the departed ranks'
+        Pushgateway groups are deleted (their last values would otherwise trip the stalled-run alert)."""
+        self._child(self.world_size_max).set(max_world)
+        for direction in ("shrink", "grow"):
+            self._child(self.resizes, direction).inc(resizes.get(direction, 0))
+        self._child(self.below_max_since).set(below_max_since)
+        self._child(self.below_max_alert).set(alert_after_s)
+        if self._pusher is not None:
+            for rank in range(self.world, max_world):
+                _Pusher(self._pusher.gateway, self.registry, {"run": self.run, "rank": str(rank)},
+                        self._pusher.interval).delete()
 
     def mark_preemption(self) -> None:
         """A preemption notice arrived; a just-in-time checkpoint follows."""

@@ -23,15 +23,18 @@ def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
 class _Float32Stats:
     """The forward of ``nn.modules.batchnorm._BatchNorm`` with float32 affine parameters."""
 
+    frozen_statistics = False  # set by freeze_batch_norm
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(x)  # type: ignore[attr-defined]
         momentum = 0.0 if self.momentum is None else self.momentum  # type: ignore[attr-defined]
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:  # type: ignore[attr-defined]
+        training = self.training and not self.frozen_statistics  # type: ignore[attr-defined]
+        if training and self.track_running_stats and self.num_batches_tracked is not None:  # type: ignore[attr-defined]
             self.num_batches_tracked.add_(1)  # type: ignore[attr-defined]
             if self.momentum is None:  # cumulative moving average
                 momentum = 1.0 / float(self.num_batches_tracked)  # type: ignore[attr-defined]
-        batch_stats = self.training or (self.running_mean is None and self.running_var is None)  # type: ignore[attr-defined]
-        track = not self.training or self.track_running_stats  # type: ignore[attr-defined]
+        batch_stats = training or (self.running_mean is None and self.running_var is None)  # type: ignore[attr-defined]
+        track = not training or self.track_running_stats  # type: ignore[attr-defined]
         return F.batch_norm(
             x, self.running_mean if track else None, self.running_var if track else None,  # type: ignore[attr-defined]
             _f32(self.weight), _f32(self.bias), batch_stats, momentum, self.eps,  # type: ignore[attr-defined]
@@ -44,3 +47,17 @@ class BatchNorm2d(_Float32Stats, nn.BatchNorm2d):
 
 class BatchNorm1d(_Float32Stats, nn.BatchNorm1d):
     pass
+
+
+def freeze_batch_norm(model: nn.Module) -> int:
+    """Every BatchNorm of ``model`` uses (and keeps) its running statistics, in train mode too.
+    Returns how many layers were frozen; a model with stock ``nn.BatchNorm`` layers is refused."""
+    stock = [name for name, m in model.named_modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, _Float32Stats)]
+    if stock:
+        raise TypeError(f"freeze_batch_norm: {stock[:3]} are stock BatchNorm layers; build the backbone with "
+                        "fr_train.backbones.norm's BatchNorm1d/BatchNorm2d")
+    layers = [m for m in model.modules() if isinstance(m, _Float32Stats)]
+    for m in layers:
+        m.frozen_statistics = True
+    return len(layers)

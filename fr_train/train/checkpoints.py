@@ -198,10 +198,14 @@ class CheckpointingMixin:
         return path
 
     def _skip_to(self, epoch_samples: int) -> None:
-        """Resume without the reader's own state (another world size, or a source that has none):
-        the epoch restarts and its first ``epoch_samples`` global samples are skipped, in whole
-        global micro-batches of data.batch_size × world."""
-        per_batch = self.cfg.data.batch_size * self.world
+        """Resume without the reader's own state (another world size, or a source that has none). A
+        world-size-independent source seeks to the position; else the epoch restarts and its first
+        ``epoch_samples`` global samples are skipped, in whole global micro-batches of micro × world."""
+        seek = getattr(self.data, "seek", None)
+        if seek is not None:
+            seek(self.state.epoch, epoch_samples)
+            return
+        per_batch = self.plan.micro_batch * self.world
         self._skip_batches = epoch_samples // per_batch
         if epoch_samples % per_batch and self.rank == 0:
             log.info(f"resume: {epoch_samples} samples into epoch {self.state.epoch} is not a whole number "

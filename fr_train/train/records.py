@@ -5,11 +5,12 @@ in Ray's). The JSON-lines log is written by :func:`append_event` and read back b
 ``eval``, ``end``.
 
 ``RecordsMixin`` is a mixin of Trainer (fr_train/train/trainer.py); it uses the trainer's cfg,
-rank, world, engine, head, distill, state, schedule, metrics, format and log_path.
+rank, world, plan, engine, head, distill, state, schedule, metrics, format and log_path.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import socket
 import sys
@@ -19,6 +20,7 @@ from typing import Any
 
 from fr_train.console import log
 from fr_train.train import engine as eng
+from fr_train.train.batch_plan import is_elastic
 from fr_train.train.state import StepTimes
 
 LOG_NAME = "train_log.jsonl"
@@ -45,7 +47,7 @@ class RecordsMixin:
         stats = self.head.step_stats()
         self.metrics.observe_step(
             step=self.state.step, epoch=self.state.epoch, loss=loss, lr=self.schedule.lr(max(self.state.step - 1, 0)),
-            images_per_s_rank=self.cfg.data.batch_size / step_s, images_per_s_global=self.global_batch / step_s,
+            images_per_s_rank=self.plan.micro_batch * self.plan.grad_accum / step_s, images_per_s_global=self.global_batch / step_s,
             samples_seen=self.state.samples_seen, data_s=times.data, forward_s=times.forward,
             backward_s=times.backward, optimizer_s=times.optimizer, step_s=step_s,
             grad_norm=None if grad_norm is None else float(grad_norm),
@@ -108,7 +110,8 @@ class RecordsMixin:
         info = {
             "event": "start", "time": round(time.time(), 3), "run": self.cfg.run.name, "world_size": self.world, "device": str(self.device),
             "precision": self.precision, "channels_last": self.format.channels_last, "num_classes": self.num_classes, "steps_per_epoch": self.steps_per_epoch,
-            "total_steps": self.total_steps, "global_batch": self.global_batch, "base_lr": self.schedule.base_lr,
+            "total_steps": self.total_steps, "global_batch": self.global_batch, "micro_batch": self.plan.micro_batch,
+            "grad_accum": self.plan.grad_accum, "step": self.state.step, "base_lr": self.schedule.base_lr,
             "backbone": self.cfg.backbone.name, "data_dir": str(self.data_dir),
             "backbone_gflops": round(self.backbone_flops / 1e9, 3),
             "host": socket.gethostname(),
@@ -116,6 +119,30 @@ class RecordsMixin:
         }
         log.info(f"{self.cfg.backbone.name}: {info['backbone_gflops']} GFLOPs (2 × multiply-adds) forward per "
                  f"{self.image_size[0]}x{self.image_size[1]} image; {self.num_classes} classes over {self.world} "
-                 f"rank(s); global batch {self.global_batch}; {self.total_steps} steps; {self.precision}"
+                 f"rank(s); global batch {self.global_batch} ({self.plan.micro_batch} × {self.world} × "
+                 f"{self.plan.grad_accum} accumulated); {self.total_steps} steps; {self.precision}"
                  f"{', channels_last' if self.format.channels_last else ''} on {self.device.type}")
+        if is_elastic(self.cfg.run):
+            self._observe_size(info["time"])
         append_event(self.log_path, info)
+
+    def _observe_size(self, now: float) -> None:
+        """Rank 0 of an elastic run, before its start event is written: how the size changed over the run
+        (its earlier start events) and since when it trains below its largest size."""
+        largest = self.cfg.run.num_workers
+        starts = [(float(r["time"]), int(r["world_size"])) for r in read_events(self.run_dir)
+                  if r.get("event") == "start" and "world_size" in r] + [(now, self.world)]
+        resizes = {"shrink": 0, "grow": 0}
+        for (_, before), (_, after) in itertools.pairwise(starts):
+            if after != before:
+                resizes["shrink" if after < before else "grow"] += 1
+        since = 0.0
+        for when, world in reversed(starts):
+            if world >= largest:
+                break
+            since = when
+        self.metrics.observe_size(largest, resizes, since, self.cfg.metrics.below_max_alert_minutes * 60)
+        if starts[-2:-1] and starts[-2][1] != self.world:
+            log.info(f"elastic run resized: {starts[-2][1]} -> {self.world} workers at step {self.state.step} "
+                     f"(global batch {self.global_batch} kept: {self.plan.micro_batch} images × "
+                     f"{self.plan.grad_accum} micro-batches per worker)")

@@ -28,6 +28,7 @@ from fr_train.config import TrainConfig
 from fr_train.console import log, setup_console
 from fr_train.parallel.collectives import scale_backbone_grad
 from fr_train.train import engine as eng
+from fr_train.train.batch_plan import plan_batches
 from fr_train.train.checkpoints import CheckpointingMixin
 from fr_train.train.components import build_distillation, build_head, load_eval_sets, seed_everything
 from fr_train.train.records import LOG_NAME, RecordsMixin, append_event
@@ -100,15 +101,18 @@ class Trainer(CheckpointingMixin, RecordsMixin):
         from data_pipeline.dataset import open_dataset
         from fr_train.backbones import build_backbone
         from fr_train.backbones.flops import count_flops
+        from fr_train.backbones.norm import freeze_batch_norm
 
         cfg = self.cfg
+        # Images per worker and micro-batches per step at this world size (elastic: the same global batch).
+        self.plan = plan_batches(cfg, self.world)
         data_dir = Path(cfg.data.path or "")
         dataset = open_dataset(data_dir)
         decode_on_gpu = self.device.type == "cuda"  # DALI `mixed` decoding where there is a GPU
         self.num_classes = dataset.num_classes
         self.image_size = dataset.image_size
         dali = DaliConfig(
-            batch_size=cfg.data.batch_size,
+            batch_size=self.plan.micro_batch,
             last_batch=cfg.data.last_batch,
             device="gpu" if decode_on_gpu else "cpu",
             device_id=self.device.index if decode_on_gpu else None,
@@ -123,18 +127,23 @@ class Trainer(CheckpointingMixin, RecordsMixin):
             from data_pipeline.pk_sampler import PKFaceIterator
 
             self.data = PKFaceIterator(data_dir, dali, k=cfg.data.pk_images_per_identity, rank=self.rank,
-                                       world_size=self.world)
+                                       world_size=self.world, micro_batches=self.plan.grad_accum)
+        elif cfg.data.sampler == "global":
+            from data_pipeline.scheduled import ScheduledFaceIterator
+
+            self.data = ScheduledFaceIterator(data_dir, dali, rank=self.rank, world_size=self.world,
+                                              micro_batches=self.plan.grad_accum)
         else:
             self.data = DaliFaceIterator(data_dir, dali, rank=self.rank, world_size=self.world)
-        self.steps_per_epoch = len(self.data) // cfg.run.grad_accum
+        self.steps_per_epoch = len(self.data) // self.plan.grad_accum
         if self.steps_per_epoch == 0:
             raise ValueError(
-                f"data.batch_size={cfg.data.batch_size} × {self.world} ranks × run.grad_accum="
-                f"{cfg.run.grad_accum} is larger than the dataset {data_dir} ({len(dataset)} images): "
+                f"{self.plan.micro_batch} images × {self.world} ranks × {self.plan.grad_accum} micro-batches (data."
+                f"batch_size, run.grad_accum) is larger than the dataset {data_dir} ({len(dataset)} images): "
                 "lower data.batch_size or run.grad_accum"
             )
         self.total_steps = cfg.schedule.max_steps or cfg.schedule.epochs * self.steps_per_epoch
-        self.global_batch = cfg.data.batch_size * self.world * cfg.run.grad_accum
+        self.global_batch = self.plan.global_batch
         base_lr = scaled_lr(cfg.optimizer.lr, self.global_batch, cfg.optimizer.base_batch)
         self.schedule = PolySchedule(base_lr, self.total_steps, min(cfg.schedule.warmup_steps, self.total_steps),
                                      cfg.schedule.power)
@@ -146,13 +155,15 @@ class Trainer(CheckpointingMixin, RecordsMixin):
                              "the backbones take square crops (e.g. 112x112): re-pack with a square size")
         backbone = build_backbone(cfg.backbone.name, embedding_size=cfg.backbone.embedding_size,
                                   dropout=cfg.backbone.dropout, image_size=self.image_size[0])
+        if cfg.backbone.freeze_bn:
+            freeze_batch_norm(backbone)
         self.backbone_flops = count_flops(backbone, (1, 3, *self.image_size))
         o = cfg.optimizer
         opt = eng.backbone_optimizer(backbone.parameters(), o.name, base_lr, o.momentum, o.weight_decay)
-        ds_config = eng.deepspeed_config(self.format, micro_batch=cfg.data.batch_size, grad_accum=cfg.run.grad_accum,
+        ds_config = eng.deepspeed_config(self.format, micro_batch=self.plan.micro_batch, grad_accum=self.plan.grad_accum,
                                          clip_grad_norm=o.clip_grad_norm, zero_stage=cfg.run.zero_stage)
         self.engine = eng.build_engine(backbone, opt, ds_config, self.device)
-        self.head = build_head(cfg, self.num_classes, self.device, self.steps_per_epoch * cfg.run.grad_accum)
+        self.head = build_head(cfg, self.num_classes, self.device, self.steps_per_epoch * self.plan.grad_accum)
         # Heads without prototypes (triplet, contrastive) have nothing to optimise.
         self.head_optimizer = None if next(self.head.parameters(), None) is None else self.head.make_optimizer(
             kind=cfg.optimizer.name, lr=base_lr, momentum=cfg.optimizer.momentum,
@@ -247,7 +258,7 @@ class Trainer(CheckpointingMixin, RecordsMixin):
         progress = self._progress_bar()
         last_eval = self.evaluate()  # step 0: the accuracy training starts from
         window_start, window_images = time.perf_counter(), 0
-        accum = cfg.run.grad_accum
+        accum = self.plan.grad_accum
         micro_losses: list[float] = []
         times = StepTimes()
         while st.step < self.total_steps and not self.stop_requested:
