@@ -18,6 +18,7 @@ import torch
 
 from cluster.failures import is_retryable, nonfinite_again, read_fatal, record_fatal
 from fr_train.config import TrainConfig
+from fr_train.console import printed_here_only
 from fr_train.train.trainer import NonFiniteLossError, Trainer
 
 
@@ -59,6 +60,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     import ray.train
     from ray.train import Checkpoint, CheckpointUploadMode
 
+    printed_here_only()  # Ray's workers log the root logger to the console too: one line, not two
     cfg = TrainConfig.from_dict(loop_config["config"])
     run_dir = Path(cfg.run.storage).expanduser() / cfg.run.name
     if read_fatal(run_dir) is not None:

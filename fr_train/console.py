@@ -37,7 +37,13 @@ def setup_console(level: int = logging.INFO) -> logging.Logger:
         handler.setFormatter(_Format())
         log.addHandler(handler)
     log.setLevel(level)
-    # Records still propagate to the root logger: it has no console handler in fr_train's processes
-    # (nor in Ray's workers), so nothing prints twice, and log capture (pytest's caplog, a user's
-    # file handler on the root) keeps seeing fr_train's records.
+    # Records still propagate to the root logger: it has no console handler in fr_train's own processes,
+    # so nothing prints twice, and log capture (pytest's caplog, a user's file handler on the root)
+    # keeps seeing fr_train's records. Where the root does print (Ray's workers), see printed_here_only.
     return log
+
+
+def printed_here_only() -> None:
+    """In a process whose root logger prints to the console itself (a Ray worker: Ray attaches its own
+    handler), fr_train's records stop at the ``fr_train`` handler instead of printing a second time."""
+    log.propagate = False

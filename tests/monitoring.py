@@ -396,6 +396,8 @@ def train_tiny_job(metrics: RunMetrics, workdir: Path, *, min_steps: int = 30, m
     ckpt_ok = ckpt_failed = restarts = resumes = 0
     failed_once = crashed_once = False
     started = time.time()
+    # As rank 0 of an elastic run of up to 2 ranks that started on 1 after losing a node.
+    metrics.observe_size(2, {"shrink": 1}, below_max_since=started, alert_after_s=1800.0)
     last_step_at = started
     window_t, window_images = time.perf_counter(), 0
 

@@ -15,10 +15,10 @@ from tests.distributed import run_distributed
 from tests.test_train_e2e import SYNTH
 
 
-def _cfg(*overrides: str) -> Any:
+def _cfg(*overrides: str, method: str = "arcface") -> Any:
     from fr_train.config import build_config
 
-    return build_config("mbf", "arcface", overrides=list(overrides))
+    return build_config("mbf", method, overrides=list(overrides))
 
 
 @pytest.mark.parametrize(("global_batch", "world", "max_micro", "plan"), [
@@ -149,17 +149,18 @@ def test_a_position_from_another_global_batch_is_refused(dataset_dir: Path) -> N
 
 
 def _elastic_config(cache: Path, storage: Path, name: str, steps: int) -> Any:
-    """mbf CosFace at 64x64, elastic 1 to 3 workers with a global batch of 24, the settings under
+    """mbf CosFace at 32x32, elastic 1 to 3 workers with a global batch of 24, the settings under
     which a step is the same computation at every split: all prototypes (sample_rate 1) and
     BatchNorm on running statistics (module docstring of fr_train/train/batch_plan.py)."""
     from cluster.launch import prepare_data
 
-    cfg = _cfg(f"data.cache_dir={cache}", *SYNTH, f"run.storage={storage}", f"run.name={name}",
-               "method=cosface", "head.margin=cosface", "head.m2=0", "head.m3=0.35",
+    cfg = _cfg(f"data.cache_dir={cache}", *SYNTH, "data.synthetic.image_size=32", "data.synthetic.num_pairs=100",
+               f"run.storage={storage}",
+               f"run.name={name}",
                "data.batch_size=8", "run.num_workers=3", "run.min_workers=1", "data.sampler=global",
                "backbone.freeze_bn=true", "head.sample_rate=1", "head.s=16", "optimizer.lr=0.002",
                "optimizer.base_batch=24", "optimizer.clip_grad_norm=0", f"schedule.max_steps={steps}",
-               "run.log_every=1", "eval.enabled=false", "checkpoint.every_steps=0", "checkpoint.every_minutes=0")
+               "run.log_every=1", "eval.enabled=false", "checkpoint.every_steps=0", "checkpoint.every_minutes=0", method="cosface")
     cfg.data.path = str(prepare_data(cfg))
     return cfg
 
@@ -193,3 +194,210 @@ def test_a_run_shrinking_from_three_workers_to_one_follows_the_uninterrupted_los
     print(f"\nelastic  {np.round(losses, 5).tolist()}\nstraight {np.round(reference, 5).tolist()}")
     np.testing.assert_allclose(losses, reference, rtol=1e-4)
     assert len(set(reference.tolist())) == len(reference)  # every step changed the model
+
+
+def _kill_node(node_manager_port: int) -> int:
+    """SIGKILL one Ray node of this machine at once, as a lost VM: its raylet and every process under
+    it (the Ray Train worker it hosts, its agents). Returns how many processes were killed."""
+    import psutil
+
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        try:
+            if "raylet" in (proc.info["name"] or "") and \
+                    f"--node_manager_port={node_manager_port}" in " ".join(proc.info["cmdline"] or []):
+                victims = [proc, *proc.children(recursive=True)]
+                for v in victims:
+                    v.kill()
+                return len(victims)
+        except psutil.Error:
+            continue
+    raise AssertionError(f"no raylet with node manager port {node_manager_port} is running")
+
+
+@pytest.mark.slow
+def test_an_elastic_run_shrinks_as_nodes_are_lost_and_grows_back_when_they_return(
+        tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
+    """A real local Ray cluster: a head without CPUs (driver and Ray Train's controller) and three
+    one-CPU worker nodes, all on 127.0.0.1. `fr_train --num-workers 3 --min-workers 1` starts on 3;
+    a node is SIGKILLed → the run goes on at W=2 from its newest checkpoint; another → W=1; two new
+    nodes join → it grows back to W=3 at the next resize check. The whole run's losses equal an
+    uninterrupted run's (W=1, the same global batch of 24) to float tolerance, a step trained again
+    after a resize gets the same loss, no step is lost, and the final model is the uninterrupted
+    one's. Prints the measured resize times."""
+    import json
+    import os
+    import secrets
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+    import threading
+    import time
+
+    from tests.distributed import free_port
+    from tests.test_resume import _ray_train_workers
+    from tests.test_train_e2e import _env
+
+    bin_dir = Path(sys.executable).parent
+    cache, storage = tmp_path_factory.mktemp("elastic_ray_cache"), tmp_path / "runs"
+    total = 20
+    cfg = _elastic_config(cache, storage, "elastic", total)
+    env = {**_env(tmp_path), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
+           # A lost node is declared dead after ~5 s instead of Ray's default ~30 s (GCS health checks;
+           # the first after 5 s: a node starting on this busy machine must not be declared dead).
+           "RAY_health_check_initial_delay_ms": "5000", "RAY_health_check_period_ms": "1000",
+           "RAY_health_check_timeout_ms": "1000", "RAY_health_check_failure_threshold": "5",
+           # Ray Train's elastic policy sees the cluster through a view refreshed every 20 s: right after a
+           # node is lost it may try the old size first, until this timeout (default 60 s) ends the try.
+           "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "12"}
+    temp_dir = Path(tempfile.mkdtemp(prefix="rayel", dir="/tmp"))  # short: socket paths are length-limited
+    address = f"127.0.0.1:{free_port()}"
+    cli_log = (tmp_path / "ray_cli.log").open("a")
+
+    def ray_start(*args: str) -> subprocess.Popen:
+        return subprocess.Popen([str(bin_dir / "ray"), "start", *args], env=env, stdout=cli_log,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+    def add_nodes(n: int) -> list[int]:
+        ports = [free_port() for _ in range(n)]
+        for port in ports:  # one at a time: nodes starting together on one machine time out registering
+            rc = ray_start("--address", address, "--num-cpus", "1", "--num-gpus", "0", "--node-manager-port",
+                           str(port)).wait(timeout=180)
+            assert rc == 0, (tmp_path / "ray_cli.log").read_text()[-3000:]
+        return ports
+
+    assert ray_start("--head", "--port", address.split(":")[1], "--node-ip-address", "127.0.0.1", "--num-cpus", "0",
+                     "--num-gpus", "0", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(free_port()),
+                     "--temp-dir", str(temp_dir), "--disable-usage-stats").wait(timeout=180) == 0
+    nodes = add_nodes(3)
+    log = storage / "elastic" / "train_log.jsonl"
+    overrides = [arg for key in ("data.cache_dir", "data.path", "data.batch_size", "data.sampler", "backbone.freeze_bn",
+                                 "head.sample_rate", "head.s", "optimizer.lr",
+                                 "optimizer.base_batch", "optimizer.clip_grad_norm", "eval.every_steps")
+                 for arg in ("--set", f"{key}={_get(cfg, key)}")]
+    cmd = [str(bin_dir / "fr_train"), "mbf", "cosface", "--name", "elastic", "--storage", str(storage),
+           "--num-workers", "3", "--min-workers", "1", "--max-steps", str(total), *overrides,
+           "--set", "run.log_every=1", "--set", "checkpoint.every_steps=2", "--set", "checkpoint.every_minutes=0",
+           "--set", "run.resize_interval_s=2", "--set", "run.max_failures=10",
+           "--set", "run.ray_log_level=INFO"]  # the test watches for Ray Train's resize decision
+    # The uninterrupted reference (one process, the same global batch) trains meanwhile: the elastic run
+    # spends most of its time waiting for Ray to notice lost and returning nodes.
+    straight_cfg = _elastic_config(cache, tmp_path / "straight", "straight", total)
+    straight_cfg.eval.enabled, straight_cfg.eval.every_steps = True, 0
+    straight: list[Any] = []
+
+    def run_reference() -> None:
+        try:
+            straight.append(run_distributed(_fit, 1, straight_cfg.to_dict(), 0, timeout=900)[0])
+        except BaseException as exc:  # re-raised in the test's thread
+            straight.append(exc)
+
+    ref_thread = threading.Thread(target=run_reference, daemon=True)
+    ref_thread.start()
+    driver_log = (tmp_path / "driver.log").open("w")
+    proc = subprocess.Popen(cmd, env={**env, "RAY_ADDRESS": address}, stdout=driver_log, stderr=subprocess.STDOUT)
+    events: dict[str, float] = {}
+    paused: list[int] = []
+
+    def driver_out() -> str:
+        return (tmp_path / "driver.log").read_text(errors="replace")
+
+    def records() -> list[dict]:
+        return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+    try:
+        deadline = time.time() + 900
+        phase = 0
+        while time.time() < deadline and proc.poll() is None and phase < 4:
+            recs = records()
+            starts = [i for i, r in enumerate(recs) if r.get("event") == "start"]
+            world = recs[starts[-1]]["world_size"] if starts else 0
+            trained = sum(1 for r in recs[starts[-1]:] if r.get("event") == "train") if starts else 0
+            now = time.time()
+            if phase == 0 and world == 3 and trained >= 4:
+                _kill_node(nodes[0])
+                events["lost 1"], phase = now, 1
+            elif phase == 1 and world == 2 and trained >= 1:
+                events.setdefault("training at W=2", now)
+                if trained >= 3:
+                    _kill_node(nodes[1])
+                    events["lost 2"], phase = now, 2
+            elif phase == 2 and world == 1 and trained >= 1:
+                events.setdefault("training at W=1", now)
+                if trained >= 3:
+                    # Paused (SIGSTOP) while the nodes come back, so that the run is still mid-way when Ray
+                    # decides to grow it, however fast this machine trains; resumed (SIGCONT) at that decision,
+                    # so that Ray's resize finds it running and stops it as it would any worker.
+                    paused = _ray_train_workers(temp_dir)
+                    for pid in paused:
+                        os.kill(pid, signal.SIGSTOP)
+                    events["nodes back"], phase = time.time(), 3
+                    add_nodes(2)
+                    events["nodes up"] = time.time()
+            elif phase == 3 and paused and ("resize the worker group from 1 -> 3" in driver_out()
+                                            or now > events["nodes up"] + 120):
+                for pid in paused:
+                    os.kill(pid, signal.SIGCONT)
+                events["grow decided"], paused = now, []
+            elif phase == 3 and world == 3 and trained >= 1:
+                events["training at W=3"], phase = now, 4
+            time.sleep(0.2)
+        proc.wait(timeout=600)
+    finally:
+        driver_log.close()
+        if proc.poll() is None:
+            proc.kill()
+        subprocess.run([str(bin_dir / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        cli_log.close()
+    out = (tmp_path / "driver.log").read_text()
+    assert phase == 4 and proc.returncode == 0, (phase, events, out[-6000:])
+    shrink_1 = events["training at W=2"] - events["lost 1"]
+    shrink_2 = events["training at W=1"] - events["lost 2"]
+    grow = events["training at W=3"] - events["nodes up"]
+    print(f"\nresize times on this machine: node lost -> training at W=2 {shrink_1:.1f} s, at W=1 {shrink_2:.1f} s; "
+          f"two nodes back (`ray start` done) -> training at W=3 {grow:.1f} s, of which "
+          f"{events['grow decided'] - events['nodes up']:.1f} s until Ray Train decided to grow")
+
+    recs = records()
+    worlds = [r["world_size"] for r in recs if r.get("event") == "start"]
+    assert worlds[:3] == [3, 2, 1] and worlds[-1] == 3 and worlds[2:] == sorted(worlds[2:]), worlds
+    assert "elastic run resized: 3 -> 2 workers" in out and "elastic run resized: 2 -> 1 workers" in out
+    train = [(r["step"], r["loss"]) for r in recs if r.get("event") == "train"]
+    # after every start: consecutive steps from the checkpoint it resumed, to the next start or the end
+    first: dict[int, float] = {}
+    for step, loss in train:
+        if step in first:  # trained again after a resize, on the same images at another split
+            np.testing.assert_allclose(loss, first[step], rtol=1e-4)
+        first.setdefault(step, loss)
+    assert sorted(first) == list(range(1, total + 1))  # no step lost
+    ref_thread.join(timeout=900)
+    assert straight, "the uninterrupted reference run did not finish"
+    if isinstance(straight[0], BaseException):
+        raise straight[0]
+    np.testing.assert_allclose([first[s] for s in range(1, total + 1)], [loss for _, loss, *_ in straight[0]],
+                               rtol=1e-4)
+    # The final models: the same weights to float tolerance, the same verification result.
+    from safetensors.torch import load_file
+
+    mine = load_file(storage / "elastic" / "final" / "backbone.safetensors")
+    theirs = load_file(tmp_path / "straight" / "straight" / "final" / "backbone.safetensors")
+    assert mine.keys() == theirs.keys()
+    for key in mine:
+        scale = float(theirs[key].abs().max()) or 1.0
+        torch.testing.assert_close(mine[key], theirs[key], rtol=1e-3, atol=1e-4 * scale, msg=key)
+    end = next(r for r in recs if r.get("event") == "end")
+    straight_end = next(r for r in _read(tmp_path / "straight" / "straight") if r.get("event") == "end")
+    assert abs(end["eval"]["synth_val"]["accuracy"] - straight_end["eval"]["synth_val"]["accuracy"]) <= 0.01
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    value: Any = cfg
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return str(value).lower() if isinstance(value, bool) else value
+
+
+def _read(run_dir: Path) -> list[dict]:
+    from fr_train.train.records import read_events
+
+    return read_events(run_dir)
