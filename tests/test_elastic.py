@@ -177,7 +177,9 @@ def test_a_run_shrinking_from_three_workers_to_one_follows_the_uninterrupted_los
         tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
     """Steps 1-3 at W=3 (8 images each), 4-6 at W=2 (two micro-batches of 6), 7-9 at W=1 (three of 8),
     each start resuming the previous one's checkpoint: the losses are those of one uninterrupted W=1
-    run to float tolerance (the steps differ only in summation order)."""
+    run to float tolerance (the steps differ only in summation order), and the same number on every
+    rank. (Also the data-parallel contract over several steps: DeepSpeed's SGD on the backbone, the
+    head's row-sparse SGD and the LR schedule give W=3 and W=2 the curve of W=1.)"""
     cache = tmp_path_factory.mktemp("elastic_cache")
     straight_cfg = _elastic_config(cache, tmp_path, "straight", 9)
     straight = run_distributed(_fit, 1, straight_cfg.to_dict(), 0, timeout=600)[0]
@@ -191,7 +193,8 @@ def test_a_run_shrinking_from_three_workers_to_one_follows_the_uninterrupted_los
                                                   (7, 8, 3), (8, 8, 3), (9, 8, 3)]
     assert [s for s, *_ in straight] == list(range(1, 10))
     losses, reference = np.array([loss for _, loss, *_ in parts]), np.array([loss for _, loss, *_ in straight])
-    print(f"\nelastic  {np.round(losses, 5).tolist()}\nstraight {np.round(reference, 5).tolist()}")
+    print(f"\nelastic  {np.round(losses, 5).tolist()}\nstraight {np.round(reference, 5).tolist()}\nlargest relative "
+          f"difference {np.max(np.abs(losses / reference - 1)):.1e}")
     np.testing.assert_allclose(losses, reference, rtol=1e-4)
     assert len(set(reference.tolist())) == len(reference)  # every step changed the model
 
@@ -240,7 +243,7 @@ def test_an_elastic_run_shrinks_as_nodes_are_lost_and_grows_back_when_they_retur
 
     bin_dir = Path(sys.executable).parent
     cache, storage = tmp_path_factory.mktemp("elastic_ray_cache"), tmp_path / "runs"
-    total = 20
+    total = 14
     cfg = _elastic_config(cache, storage, "elastic", total)
     env = {**_env(tmp_path), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
            # A lost node is declared dead after ~5 s instead of Ray's default ~30 s (GCS health checks;
@@ -249,7 +252,7 @@ def test_an_elastic_run_shrinks_as_nodes_are_lost_and_grows_back_when_they_retur
            "RAY_health_check_timeout_ms": "1000", "RAY_health_check_failure_threshold": "5",
            # Ray Train's elastic policy sees the cluster through a view refreshed every 20 s: right after a
            # node is lost it may try the old size first, until this timeout (default 60 s) ends the try.
-           "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "12"}
+           "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "8"}
     temp_dir = Path(tempfile.mkdtemp(prefix="rayel", dir="/tmp"))  # short: socket paths are length-limited
     address = f"127.0.0.1:{free_port()}"
     cli_log = (tmp_path / "ray_cli.log").open("a")
@@ -314,17 +317,17 @@ def test_an_elastic_run_shrinks_as_nodes_are_lost_and_grows_back_when_they_retur
             world = recs[starts[-1]]["world_size"] if starts else 0
             trained = sum(1 for r in recs[starts[-1]:] if r.get("event") == "train") if starts else 0
             now = time.time()
-            if phase == 0 and world == 3 and trained >= 4:
+            if phase == 0 and world == 3 and trained >= 3:
                 _kill_node(nodes[0])
                 events["lost 1"], phase = now, 1
             elif phase == 1 and world == 2 and trained >= 1:
                 events.setdefault("training at W=2", now)
-                if trained >= 3:
+                if trained >= 2:
                     _kill_node(nodes[1])
                     events["lost 2"], phase = now, 2
             elif phase == 2 and world == 1 and trained >= 1:
                 events.setdefault("training at W=1", now)
-                if trained >= 3:
+                if trained >= 2:
                     # Paused (SIGSTOP) while the nodes come back, so that the run is still mid-way when Ray
                     # decides to grow it, however fast this machine trains; resumed (SIGCONT) at that decision,
                     # so that Ray's resize finds it running and stops it as it would any worker.
@@ -334,8 +337,8 @@ def test_an_elastic_run_shrinks_as_nodes_are_lost_and_grows_back_when_they_retur
                     events["nodes back"], phase = time.time(), 3
                     add_nodes(2)
                     events["nodes up"] = time.time()
-            elif phase == 3 and paused and ("resize the worker group from 1 -> 3" in driver_out()
-                                            or now > events["nodes up"] + 120):
+            elif phase == 3 and paused and ("resize the worker group from 1 -> " in driver_out()
+                                            or now > events["nodes up"] + 45):
                 for pid in paused:
                     os.kill(pid, signal.SIGCONT)
                 events["grow decided"], paused = now, []
@@ -374,8 +377,11 @@ def test_an_elastic_run_shrinks_as_nodes_are_lost_and_grows_back_when_they_retur
     assert straight, "the uninterrupted reference run did not finish"
     if isinstance(straight[0], BaseException):
         raise straight[0]
-    np.testing.assert_allclose([first[s] for s in range(1, total + 1)], [loss for _, loss, *_ in straight[0]],
-                               rtol=1e-4)
+    elastic_losses = np.array([first[s] for s in range(1, total + 1)])
+    straight_losses = np.array([loss for _, loss, *_ in straight[0]])
+    print(f"largest relative loss difference to the uninterrupted run: "
+          f"{np.max(np.abs(elastic_losses / straight_losses - 1)):.1e}")
+    np.testing.assert_allclose(elastic_losses, straight_losses, rtol=1e-4)
     # The final models: the same weights to float tolerance, the same verification result.
     from safetensors.torch import load_file
 

@@ -177,14 +177,14 @@ def test_bf16_channels_last_run_through_dali_resumes_bitwise_at_two_ranks(
 @pytest.mark.slow
 def test_bf16_two_ranks_follow_the_loss_curve_of_one_through_an_in_memory_source(
         tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
-    """Same global batches, BatchNorm on running statistics (as the fp32 equivalence test): W=2
+    """Same global batches, BatchNorm on running statistics (as the fp32 equivalence tests): W=2
     follows W=1 within bf16 rounding. Why rtol 5e-3: bf16 keeps 8 significant bits (one ulp is 2^-8 ≈
     0.4% relative); W=2 rounds its half-batch gradients to bf16 before DeepSpeed averages them (W=1
     rounds the whole-batch sum once), and convolutions on 8 vs 16 images may take other kernels. The
     updates then differ in their last bits and the loss drifts by a fraction of an ulp per step:
     measured 1.7e-4 relative at most over 4 steps (2026-11-30, this 2-core CPU). 5e-3 is about one ulp,
     while a real error (a missing ×W on the gradient, a wrong dtype in the head) moves the loss by
-    percents (the fp32 test holds the same comparison to 1e-4)."""
+    percents (in fp32, tests/test_elastic.py holds W=3, 2 and 1 against W=1 to 1e-4)."""
     from tests.test_train_e2e import _real_images, _train_losses
 
     cfg = _tiny_config(tmp_path, tmp_path_factory.mktemp("gpu_cfg_cache"), "equiv", "eval.enabled=false",

@@ -48,7 +48,8 @@ def test_stopped_and_resumed_run_reproduces_the_uninterrupted_losses(tmp_path_fa
     from fr_train.config import build_config
 
     cfg = build_config("mbf", "vpl", overrides=[
-        f"data.cache_dir={tmp_path_factory.mktemp('resume_cache')}", *SYNTH, f"run.storage={tmp_path}",
+        f"data.cache_dir={tmp_path_factory.mktemp('resume_cache')}", *SYNTH, "data.synthetic.image_size=32",
+        f"run.storage={tmp_path}",
         "data.batch_size=32", "schedule.max_steps=20", "run.log_every=1", "eval.enabled=false",
         "head.s=16", "head.vpl_start_iter=4", "head.vpl_delta_t=8", "optimizer.lr=0.05",
         "checkpoint.every_steps=4", "checkpoint.every_minutes=0", "run.zero_stage=1"])

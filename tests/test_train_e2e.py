@@ -56,7 +56,7 @@ def test_fr_train_learns_on_the_synthetic_default(cache_dir: Path, tmp_path: Pat
     storage = tmp_path / "runs"
     cmd = [str(BIN / "fr_train"), "mbf", "arcface", "--name", "learn", "--storage", str(storage),
            "--num-workers", "2", "--max-steps", "120",
-           "--set", f"data.cache_dir={cache_dir}", *SYNTH_FLAGS,
+           "--set", f"data.cache_dir={cache_dir}", *SYNTH_FLAGS, "--set", "data.synthetic.image_size=32",
            "--set", "data.batch_size=32", "--set", "optimizer.lr=0.2", "--set", "optimizer.base_batch=64",
            "--set", "schedule.warmup_steps=10", "--set", "head.s=32", "--set", "head.m2=0.3",
            "--set", "eval.every_steps=0", "--set", "run.log_every=20"]
@@ -72,7 +72,7 @@ def test_fr_train_learns_on_the_synthetic_default(cache_dir: Path, tmp_path: Pat
           f"raw pixels {baseline:.4f}; loss {losses[0]:.3f} -> {losses[-1]:.3f}")
     assert first["step"] == 0 and last["step"] == 120
     assert losses[-1] < 0.5 * losses[0]
-    # Seen on this machine: 0.64 -> 0.88 against 0.57 for raw pixels (160 steps); the margins
+    # Seen on this machine at 32x32: 0.63 -> 0.89 against 0.55 for raw pixels (120 steps); the margins
     # below leave room for other seeds and slower machines.
     assert last["accuracy"] > first["accuracy"] + 0.10, (first, last)
     assert last["accuracy"] > baseline + 0.15, (last, baseline)
@@ -105,7 +105,7 @@ def test_ray_job_submit_runs_fr_train_to_success(cache_dir: Path, tmp_path: Path
                   "--storage", str(tmp_path / "runs"), "--name", "job",
                   "--set", f"data.cache_dir={cache_dir}", *[a for s in TINY + GPU_CONFIG for a in ("--set", s)],
                   "--set", "data.batch_size=8", "--set", "run.log_every=2", "--set", "head.vpl_start_iter=2",
-                  "--set", "eval.every_steps=0"]
+                  "--set", "eval.every_steps=0", "--set", "run.export_onnx=false"]  # ONNX: the learning test
         out = subprocess.run(submit, env=env, check=True, capture_output=True, text=True, timeout=120)
         job_id = next(w.strip("'") for w in (out.stdout + out.stderr).split() if w.strip("'").startswith("raysubmit_"))
         ray_cli = [str(BIN / "ray"), "job"]
@@ -271,19 +271,3 @@ def test_gradient_accumulation_equals_one_large_batch(cache_dir: Path, tmp_path:
     accumulated = run_distributed(_first_step_gradient, 1, cfg, images, labels, 32, 2, timeout=600)[0]
     for a, b in zip(accumulated, whole, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * float(np.abs(b).max()))
-
-
-@pytest.mark.slow
-def test_two_workers_follow_the_loss_curve_of_one(cache_dir: Path, tmp_path: Path) -> None:
-    """Same global batches and seed at sample_rate 1: over several optimizer steps (DeepSpeed's SGD
-    on the backbone, the head's own row-sparse SGD, the LR schedule) W=2 follows W=1's loss
-    curve to float tolerance."""
-    cfg, data_dir = _equivalence_config(cache_dir, tmp_path)
-    cfg["optimizer"]["lr"] = 0.002  # small: on untrained running statistics the activations are large
-    images, labels = _real_images(data_dir, 64)
-    one = np.array(run_distributed(_train_losses, 1, cfg, images, labels, 5, 32, timeout=600)[0])
-    two = run_distributed(_train_losses, 2, cfg, images, labels, 5, 32, timeout=600)
-    assert two[0] == two[1]  # the loss is the same number on every rank
-    print(f"\nW=1 {np.round(one, 4).tolist()}\nW=2 {np.round(two[0], 4).tolist()}")
-    np.testing.assert_allclose(two[0], one, rtol=1e-4)
-    assert len(set(one.tolist())) == len(one)  # every step changed the model
