@@ -203,8 +203,11 @@ class CheckpointingMixin:
         ``epoch_samples`` global samples are skipped, in whole global micro-batches of micro × world."""
         seek = getattr(self.data, "seek", None)
         if seek is not None:
-            seek(self.state.epoch, epoch_samples)
-            return
+            try:
+                seek(self.state.epoch, epoch_samples)
+                return
+            except ValueError:  # not a whole number of its global batches (a fixed-size run on another size)
+                pass
         per_batch = self.plan.micro_batch * self.world
         self._skip_batches = epoch_samples // per_batch
         if epoch_samples % per_batch and self.rank == 0:

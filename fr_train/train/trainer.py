@@ -28,7 +28,7 @@ from fr_train.config import TrainConfig
 from fr_train.console import log, setup_console
 from fr_train.parallel.collectives import scale_backbone_grad
 from fr_train.train import engine as eng
-from fr_train.train.batch_plan import plan_batches
+from fr_train.train.batch_plan import is_elastic, plan_batches
 from fr_train.train.checkpoints import CheckpointingMixin
 from fr_train.train.components import build_distillation, build_head, load_eval_sets, seed_everything
 from fr_train.train.records import LOG_NAME, RecordsMixin, append_event
@@ -121,18 +121,22 @@ class Trainer(CheckpointingMixin, RecordsMixin):
             seed=cfg.run.seed,
             initial_fill=cfg.data.shuffle_buffer,
         )
+        # The scheduled samplers cut one global batch per optimizer step into the step's micro-batches in an
+        # elastic run (the same images per step at every size); a fixed-size run keeps one schedule batch
+        # per micro-batch, as before.
+        micro = self.plan.grad_accum if is_elastic(cfg.run) else 1
         if self._data_override is not None:
             self.data: BatchSource = self._data_override
         elif cfg.data.sampler == "pk":
             from data_pipeline.pk_sampler import PKFaceIterator
 
             self.data = PKFaceIterator(data_dir, dali, k=cfg.data.pk_images_per_identity, rank=self.rank,
-                                       world_size=self.world, micro_batches=self.plan.grad_accum)
+                                       world_size=self.world, micro_batches=micro)
         elif cfg.data.sampler == "global":
             from data_pipeline.scheduled import ScheduledFaceIterator
 
             self.data = ScheduledFaceIterator(data_dir, dali, rank=self.rank, world_size=self.world,
-                                              micro_batches=self.plan.grad_accum)
+                                              micro_batches=micro)
         else:
             self.data = DaliFaceIterator(data_dir, dali, rank=self.rank, world_size=self.world)
         self.steps_per_epoch = len(self.data) // self.plan.grad_accum
