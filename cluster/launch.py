@@ -36,21 +36,11 @@ def prepare_data(cfg: TrainConfig) -> Path:
     if cfg.data.path:
         data_dir = Path(cfg.data.path).expanduser().resolve()
     else:
-        from data_pipeline.synthetic import SyntheticConfig, ensure_synthetic_dataset
+        from data_pipeline.synthetic import ensure_synthetic_dataset
 
-        s = cfg.data.synthetic
-        synth = SyntheticConfig(
-            num_identities=s.num_identities,
-            images_per_identity=s.images_per_identity,
-            holdout_identities=s.holdout_identities,
-            num_pairs=s.num_pairs,
-            difficulty=s.difficulty,
-            image_size=s.image_size,
-            seed=s.seed,
-        )
         cache = Path(cfg.data.cache_dir).expanduser() / "synthetic"
         log.info(f"embedded default: synthetic identities (cached in {cache})")
-        data_dir = ensure_synthetic_dataset(cache, synth)
+        data_dir = ensure_synthetic_dataset(cache, cfg.data.synthetic)
     prepare_dali_index(data_dir)
     return data_dir
 

@@ -18,23 +18,11 @@ from typing import Any, Literal
 
 import tomllib
 
+from data_pipeline.synthetic import SyntheticConfig
+
 
 class ConfigError(ValueError):
     """A configuration key or value the user gave is not valid; the message says what is."""
-
-
-@dataclass
-class SyntheticDataConfig:
-    """The embedded default dataset (data_pipeline.synthetic); built once and cached."""
-
-    num_identities: int = 200
-    images_per_identity: int = 20
-    holdout_identities: int = 100
-    num_pairs: int = 1000
-    difficulty: float = 0.5
-    image_size: int = 112
-    """Side of the square crops; 64 makes CPU runs ~3x cheaper (the backbones size their head to it)."""
-    seed: int = 0
 
 
 @dataclass
@@ -59,7 +47,9 @@ class DataConfig:
     """K of the pk sampler; P = global batch / K."""
     cache_dir: str = "~/.cache/fr_train"
     """Where the synthetic default is built and cached."""
-    synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    """The embedded default dataset, used when `path` is None: the generator's own config
+    (data_pipeline/synthetic.py), so that its keys and their validity are defined once."""
 
 
 @dataclass

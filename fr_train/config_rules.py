@@ -87,6 +87,22 @@ def _check_elastic(cfg: TrainConfig) -> None:
             raise ConfigError(f"run.min_workers: {exc}") from None
 
 
+def _check_synthetic(cfg: TrainConfig) -> None:
+    """The synthetic default: first what training needs of it (these rules are about the model and the
+    evaluation, not the generator), then the generator's own rules, stated once in
+    data_pipeline.synthetic.SyntheticConfig.problems and reported here under their config keys."""
+    s = cfg.data.synthetic
+    _check(s.num_identities >= 2, "data.synthetic.num_identities", "must be >= 2")
+    _check(s.image_size >= 32 and s.image_size % 16 == 0,
+           "data.synthetic.image_size", "must be a multiple of 16 and >= 32 (standard: 112)")
+    _check(s.images_per_identity >= 2, "data.synthetic.images_per_identity", "must be >= 2")
+    _check(s.num_pairs >= 10, "data.synthetic.num_pairs",
+           "must be even (half genuine, half impostor) and >= 10 (the 10-fold verification protocol)",
+           got=s.num_pairs)
+    for name, msg, value in s.problems():
+        _check(False, f"data.synthetic.{name}", msg, got=value)
+
+
 def validate(cfg: TrainConfig) -> None:
     """Ranges and cross-field rules; every message names the key and the valid range."""
     from fr_train.backbones import BACKBONES  # local: backbones import torch
@@ -100,14 +116,7 @@ def validate(cfg: TrainConfig) -> None:
     _check(cfg.data.num_threads > 0, "data.num_threads", "must be > 0")
     _check(cfg.data.pk_images_per_identity >= 2, "data.pk_images_per_identity", "must be >= 2 (a positive pair)")
     _check(cfg.data.shuffle_buffer >= 0, "data.shuffle_buffer", "must be >= 0")
-    _check(0.0 <= cfg.data.synthetic.difficulty <= 1.0, "data.synthetic.difficulty", "must be in [0, 1]")
-    _check(cfg.data.synthetic.num_identities >= 2, "data.synthetic.num_identities", "must be >= 2")
-    _check(cfg.data.synthetic.image_size >= 32 and cfg.data.synthetic.image_size % 16 == 0,
-           "data.synthetic.image_size", "must be a multiple of 16 and >= 32 (standard: 112)")
-    _check(cfg.data.synthetic.images_per_identity >= 2, "data.synthetic.images_per_identity", "must be >= 2")
-    _check(cfg.data.synthetic.num_pairs >= 10 and cfg.data.synthetic.num_pairs % 2 == 0, "data.synthetic.num_pairs",
-           "must be even (half genuine, half impostor) and >= 10 (the 10-fold verification protocol)",
-           got=cfg.data.synthetic.num_pairs)
+    _check_synthetic(cfg)
     _check(0.0 < cfg.head.sample_rate <= 1.0, "head.sample_rate", "must be in (0, 1]")
     _check(cfg.head.s > 0, "head.s", "must be > 0", got=cfg.head.s)
     _check(cfg.head.m1 >= 1.0, "head.m1", "must be >= 1 (1 = no multiplicative margin)")

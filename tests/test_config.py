@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from fr_train.cli import build_parser, config_from_args, main
+from cluster.cli import main
+from fr_train.command_line import build_parser, config_from_args
 from fr_train.config import METHODS, ConfigError, TrainConfig, build_config, valid_keys
 from fr_train.train.schedule import PolySchedule, scaled_lr
 

@@ -28,7 +28,7 @@ from fr_train.checkpointing import (
     load_checkpoint,
 )
 from fr_train.checkpointing.rundir import LAUNCH_FILE
-from fr_train.cli import build_parser, config_from_args
+from fr_train.command_line import build_parser, config_from_args
 from fr_train.config import ConfigError, TrainConfig, build_config
 
 

@@ -28,7 +28,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from fr_train.heads.cross_entropy import _matmul
+from fr_train.heads.cross_entropy import logits_matmul
 from fr_train.heads.margin import CombinedMargin
 from fr_train.heads.optim import RowSparseAdamW, RowSparseSGD
 from fr_train.heads.partial_fc import PartialFC
@@ -70,7 +70,7 @@ class BCEHead(PartialFC):
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         st = sampled_step(self, embeddings, labels)
         s, lam, batch = self.margin.s, self.neg_weight, st.x.shape[0]
-        cos = _matmul(st.x, st.w.t(), self.matmul_dtype, st.x.dtype)  # [B, S]
+        cos = logits_matmul(st.x, st.w.t(), self.matmul_dtype, st.x.dtype)  # [B, S]
         b_param = self.unified_bias.to(cos.dtype).sum()
         b = b_param.detach()
         rows = torch.nonzero(st.target_col >= 0).squeeze(1)

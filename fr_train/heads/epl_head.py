@@ -27,11 +27,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from fr_train.heads.cross_entropy import _matmul, margin_softmax_ce
+from fr_train.heads.cross_entropy import logits_matmul, margin_softmax_ce, sharded_softmax_ce
 from fr_train.heads.margin import CombinedMargin
 from fr_train.heads.partial_fc import PartialFC, _block_init
 from fr_train.heads.sampled_step import check_seed_head, load_with_memory_rows, sampled_step
-from fr_train.heads.sharded_softmax import sharded_softmax_ce
 from fr_train.heads.vpl import NEVER_WRITTEN, write_latest
 from fr_train.parallel.sharding import host_copy
 
@@ -79,7 +78,7 @@ class EPLHead(PartialFC):
             return loss
         idx = self.last_sampled_classes - self.class_start
         protos = F.normalize(self.epl_memory.index_select(0, idx).to(st.x.dtype), dim=1).detach()
-        cos = _matmul(st.x, protos.t(), self.matmul_dtype, st.x.dtype)  # [B, S] against P
+        cos = logits_matmul(st.x, protos.t(), self.matmul_dtype, st.x.dtype)  # [B, S] against P
         target = cos[rows, cols]
         # Adaptive margin k·cos(x, P_y), held constant (official: vp_sim[y] −= k·vp_sim[y].data).
         logits = (self.margin.s * cos).index_put((rows, cols), self.margin.s * (target - self.k * target.detach()))

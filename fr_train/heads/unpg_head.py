@@ -14,7 +14,7 @@ with logit ``logsumexp_k(s·n_k)`` — exact for the value and the gradient, and
 O(B × pairs) memory. Rank 0 alone appends that column (it is added to the distributed sum once);
 the other ranks never form the pair matrix.
 
-The distributed softmax is sharded_softmax.py (value all-reduced, exact gradient by a surrogate).
+The distributed softmax is cross_entropy.sharded_softmax_ce (value all-reduced, exact gradient by a surrogate).
 """
 
 from __future__ import annotations
@@ -24,11 +24,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from fr_train.heads.cross_entropy import _matmul
+from fr_train.heads.cross_entropy import logits_matmul, sharded_softmax_ce
 from fr_train.heads.margin import CombinedMargin
 from fr_train.heads.partial_fc import PartialFC
 from fr_train.heads.sampled_step import check_seed_head, sampled_step
-from fr_train.heads.sharded_softmax import sharded_softmax_ce
 
 
 def linear_quantile(sorted_values: torch.Tensor, q: float) -> torch.Tensor:
@@ -85,7 +84,7 @@ class UNPGHead(PartialFC):
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         st = sampled_step(self, embeddings, labels)
         s, batch = self.margin.s, st.x.shape[0]
-        cos = _matmul(st.x, st.w.t(), self.matmul_dtype, st.x.dtype)  # [B, S]
+        cos = logits_matmul(st.x, st.w.t(), self.matmul_dtype, st.x.dtype)  # [B, S]
         rows = torch.nonzero(st.target_col >= 0).squeeze(1)
         cols = st.target_col[rows]
         target_local = s * self.margin.target_cos(cos[rows, cols])

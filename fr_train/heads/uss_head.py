@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from fr_train.heads.cross_entropy import _matmul, margin_softmax_ce
+from fr_train.heads.cross_entropy import logits_matmul, margin_softmax_ce
 from fr_train.heads.margin import CombinedMargin
 from fr_train.heads.optim import RowSparseAdamW, RowSparseSGD
 from fr_train.heads.partial_fc import PartialFC
@@ -88,7 +88,7 @@ class USSHead(PartialFC):
         s, batch = self.margin.s, x.shape[0]
         written = self.uss_memory_iter.index_select(0, idx) != NEVER_WRITTEN
         memory = self.uss_memory.index_select(0, idx).detach().to(x.dtype)
-        cos = _matmul(x, memory.t(), self.matmul_dtype, x.dtype)  # [B, S] against real features
+        cos = logits_matmul(x, memory.t(), self.matmul_dtype, x.dtype)  # [B, S] against real features
         rows = torch.nonzero(target_col >= 0).squeeze(1)
         cols = target_col[rows]
         positive = torch.zeros_like(cos, dtype=torch.bool)

@@ -1,15 +1,17 @@
-"""`fr_train BACKBONE METHOD [options]`: parse the command line into one TrainConfig and launch.
+"""What the `fr_train BACKBONE METHOD [options]` command line means: its flags, the config keys they
+set, and `fr_train list`. It turns argv into one validated TrainConfig and launches nothing.
 
 The command line is thin on purpose: the common options have flags, everything else is a
-validated `--set key=value` on the config tree (fr_train/config.py).
+validated `--set key=value` on the config tree (fr_train/config.py). The entry point that runs the
+command (and launches the Ray job) is cluster/cli.py: launching needs cluster, and fr_train must not
+depend on it (the dependencies go cluster → fr_train → data_pipeline).
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 
-from fr_train.config import METHODS, ConfigError, TrainConfig, build_config, valid_keys
+from fr_train.config import METHODS, TrainConfig, build_config, valid_keys
 
 EPILOG = """\
 examples:
@@ -61,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The run's TrainConfig from ``build_parser()``'s arguments; raises ConfigError naming the bad key."""
     flag_overrides = []
     for flag, key in (("data", "data.path"), ("num_workers", "run.num_workers"), ("min_workers", "run.min_workers"),
                       ("name", "run.name"),
@@ -78,6 +81,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def print_list() -> None:
+    """`fr_train list`: what BACKBONE, METHOD and `--set` accept, read from the tables themselves."""
     from fr_train.backbones import BACKBONES
 
     print("backbones:")
@@ -89,30 +93,3 @@ def print_list() -> None:
     print("config keys (--set KEY=VALUE):")
     for key in valid_keys():
         print(f"  {key}")
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["list"]:
-        print_list()
-        return 0
-    args = build_parser().parse_args(argv)
-    try:
-        cfg = config_from_args(args)
-    except ConfigError as exc:
-        print(f"fr_train: config error: {exc}", file=sys.stderr)
-        return 2
-    if args.print_config:
-        print(cfg.to_json())
-        return 0
-    from cluster.launch import PlacementError, launch
-
-    try:
-        return launch(cfg)
-    except (PlacementError, ValueError, FileNotFoundError) as exc:  # the request or the data: one line, no trace
-        print(f"fr_train: error: {exc}", file=sys.stderr, flush=True)
-        return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
