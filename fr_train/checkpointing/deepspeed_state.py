@@ -135,3 +135,76 @@ def load_optimizer_state(engine: Any, state: dict[str, Any]) -> None:
                                   load_from_fp32_weights=True)
     else:
         optimizer.load_state_dict(live)
+
+
+class BackboneWeights:
+    """The backbone's parameters and buffers, replicated under ZeRO 0-2: one shared state."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.engine.module.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.engine.module.load_state_dict(state)
+
+
+class BackboneOptimizer:
+    """DeepSpeed's optimizer state in a checkpoint, in the layout the run uses.
+
+    Replicated (ZeRO 0): the whole state, shared (key ``optimizer``). Partitioned (ZeRO 1/2, bf16):
+    every rank its own slice (``backbone_optimizer``: exact, for the same world size) and the
+    consolidated per-parameter state (``optimizer_consolidated``, a collective), which a resume on
+    another world size scatters into its own partitioning. So a resume loads the slice when it has
+    one (the re-split drops slices), else the consolidated state; :meth:`check_restored` then
+    refuses a checkpoint that held neither."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        self.layout = optimizer_layout(engine)
+        self.where = "checkpoint"  # the checkpoint being restored, for error messages
+        self.restored = False
+
+    def states(self) -> list[Any]:
+        from fr_train.checkpointing.stateful import State
+
+        return [State("backbone_optimizer", _OptimizerPart(self, "slice")),
+                State("optimizer", _OptimizerPart(self, "whole"), shared=True),
+                State("optimizer_consolidated", _OptimizerPart(self, "consolidated"), shared=True, collective=True)]
+
+    def check_layout(self, saved_layout: str, where: str) -> None:
+        self.where = where
+        if saved_layout != self.layout:
+            raise ValueError(f"{where}: the backbone optimizer state was saved {saved_layout}, this run's is "
+                             f"{self.layout}: resume with the run.zero_stage (0 vs 1/2) and run.precision the "
+                             "checkpoint was written with")
+
+    def check_restored(self) -> None:
+        if not self.restored:
+            raise ValueError(f"{self.where}: holds no backbone optimizer state for this run's {self.layout} "
+                             "optimizer; it was not written by a compatible fr_train: start a new run name")
+
+
+class _OptimizerPart:
+    """One of BackboneOptimizer's three checkpoint entries (``part``: slice, whole, consolidated)."""
+
+    def __init__(self, owner: BackboneOptimizer, part: str) -> None:
+        self.owner, self.part = owner, part
+
+    def state_dict(self) -> dict[str, Any] | None:
+        partitioned = self.owner.layout == LAYOUT_PARTITIONED
+        if self.part == "consolidated":
+            return consolidated_state(self.owner.engine)  # a collective under ZeRO, else None
+        if (self.part == "slice") == partitioned:
+            return portable_optimizer_state(self.owner.engine)
+        return None
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.owner.restored:  # the slice came first: exact, the consolidated copy is not needed
+            return
+        if self.part == "consolidated":
+            load_consolidated_state(self.owner.engine, state, self.owner.where)
+        else:
+            load_optimizer_state(self.owner.engine, state)
+        self.owner.restored = True

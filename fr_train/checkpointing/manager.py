@@ -62,6 +62,7 @@ from fr_train.checkpointing.resume import (
     code_version,
 )
 from fr_train.checkpointing.snapshot import snapshot
+from fr_train.checkpointing.stateful import CheckpointStates
 
 log = logging.getLogger("fr_train.checkpoint")
 
@@ -92,7 +93,7 @@ class CheckpointManager:
     """
 
     def __init__(self, root: str | Path, keep: int, rank: int, world: int, *, session: str | None = None,
-                 commit_timeout_s: float = 1800.0, poll_s: float = 0.05) -> None:
+                 commit_timeout_s: float = 1800.0, poll_s: float = 0.05, states: CheckpointStates | None = None) -> None:
         if keep < 1:
             raise ValueError(f"checkpoint.keep must be >= 1, got {keep}")
         if world < 1 or not 0 <= rank < world:
@@ -106,6 +107,7 @@ class CheckpointManager:
             raise ValueError(f"session token {session!r} must be letters, digits or '_' (it names a directory)")
         self.root, self.keep, self.rank, self.world, self.session = Path(root), keep, rank, world, session
         self.commit_timeout_s, self.poll_s = commit_timeout_s, poll_s
+        self.states = states  # what save_states/restore_states save and restore (stateful.py)
         self.code_version = code_version() if rank == 0 else ""
         self._pending: _Pending | None = None
         self._last_step: int | None = None
@@ -154,6 +156,26 @@ class CheckpointManager:
                                           name=f"checkpoint-step-{step}", daemon=False)
         self._pending, self._last_step = pending, step
         pending.thread.start()
+
+    def save_states(self, step: int, meta: dict[str, Any] | None, *, sync: bool = False) -> None:
+        """Checkpoint ``step`` from the components handed in as ``states`` (each saves itself);
+        ``meta``: rank 0's run facts (see save_async), None on the other ranks. Every per-rank
+        state is a private copy (the components' state_dicts clone), so it is not copied twice."""
+        if self.states is None:
+            raise ValueError("CheckpointManager.save_states: no states were handed to this manager")
+        payload, shared = self.states.collect(self.rank)
+        save = self.save if sync else self.save_async
+        save(step, payload, shared, meta if self.rank == 0 else None, private_payload=True)
+
+    def restore_states(self, ckpt: LoadedCheckpoint) -> list[str]:
+        """Restore the components from ``ckpt`` (re-split for this world size when it differs);
+        return the keys it holds no state for (the caller's fallbacks)."""
+        if self.states is None:
+            raise ValueError("CheckpointManager.restore_states: no states were handed to this manager")
+        shared = ckpt.shared()
+        if shared is None and any(s.shared for s in self.states.states):
+            raise ValueError(f"{ckpt.path}: has no {SHARED_FILE}; it is not a checkpoint of a training run")
+        return self.states.restore(ckpt.payload_for(self.rank, self.world), shared or {})
 
     def save(self, step: int, payload: dict[str, Any], shared: dict[str, Any] | None = None,
              meta: dict[str, Any] | None = None, *, private_payload: bool = False) -> None:

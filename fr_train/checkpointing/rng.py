@@ -55,3 +55,14 @@ def restore_rng(state: dict[str, Any]) -> None:
                              f"sees {available} device(s); resume on the same local GPU layout or drop state['cuda']")
         for d, s in cuda.items():
             torch.cuda.set_rng_state(s, d)
+
+
+class ProcessRng:
+    """This process's random streams as a checkpoint state (per rank: meaningful only for the same
+    rank of the same world size, so a re-split drops it and the Trainer reseeds)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return capture_rng()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        restore_rng(state)

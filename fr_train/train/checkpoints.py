@@ -19,6 +19,7 @@ from fr_train.train.components import seed_everything
 
 if TYPE_CHECKING:
     from fr_train.checkpointing import RunStart
+    from fr_train.checkpointing.stateful import CheckpointStates
 
 
 class CheckpointingMixin:
@@ -65,23 +66,37 @@ class CheckpointingMixin:
         distributed = self.world > 1 and dist.is_initialized()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         session = broadcast_session_token() if distributed else None
-        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", c.keep, self.rank, self.world, session=session)
+        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", c.keep, self.rank, self.world, session=session,
+                                      states=self._checkpoint_states())
         self.save_policy = SavePolicy(c.every_steps, c.every_minutes)
         self.last_saved_step = -1
         self.resumed_from: str | None = None
         self._resume()
 
+    def _checkpoint_states(self) -> CheckpointStates:
+        """Every component with state, each saving and restoring itself (checkpointing/stateful.py),
+        in the order a resume restores them: counters, head shard, reader position, backbone and its
+        optimizer, distillation thresholds, and the RNG streams last."""
+        from fr_train.checkpointing.deepspeed_state import BackboneOptimizer, BackboneWeights
+        from fr_train.checkpointing.rng import ProcessRng
+        from fr_train.checkpointing.stateful import CheckpointStates, State, Stateful
+
+        self.backbone_optimizer = BackboneOptimizer(self.engine)
+        states = [State("train", self.state), State("head", self.head)]
+        if isinstance(self.data, Stateful):  # DALI's reader position; an in-memory test source has none
+            states.append(State("data", self.data))
+        states += [State("backbone", BackboneWeights(self.engine), shared=True), *self.backbone_optimizer.states()]
+        if self.distill is not None:
+            states.append(State("distill", self.distill, shared=True))
+        states.append(State("rng", ProcessRng()))
+        return CheckpointStates(tuple(states))
+
     def _resume(self) -> None:
         """What the start decided (``self.start``, from checkpoint.resume): continue the newest loadable
         checkpoint of this run (auto), a given checkpoint directory, or nothing (never, or auto with no
         checkpoint in a fresh directory)."""
-        from fr_train.checkpointing import load_checkpoint, restore_rng
-        from fr_train.checkpointing.deepspeed_state import (
-            LAYOUT_REPLICATED,
-            load_consolidated_state,
-            load_optimizer_state,
-            optimizer_layout,
-        )
+        from fr_train.checkpointing import load_checkpoint
+        from fr_train.checkpointing.deepspeed_state import LAYOUT_REPLICATED
 
         path = self.start.resume_path
         if path is None:
@@ -89,36 +104,12 @@ class CheckpointingMixin:
         # rank 0 hashed every file of an auto-chosen checkpoint in check_run_directory: not twice
         ckpt = load_checkpoint(path, hash_files=self.rank == 0 and self.start.resume_from is None)
         ckpt.check_compatible(self.cfg.to_dict(), self.num_classes)
-        payload = ckpt.payload_for(self.rank, self.world)
-        shared = ckpt.shared()
-        if shared is None:
-            raise ValueError(f"{path}: has no backbone.pt; it is not a checkpoint of a training run")
-        self.engine.module.load_state_dict(shared["backbone"])
-        layout = optimizer_layout(self.engine)
-        saved_layout = ckpt.meta.get("backbone_optimizer_layout", LAYOUT_REPLICATED)
-        if saved_layout != layout:
-            raise ValueError(f"{path}: the backbone optimizer state was saved {saved_layout}, this run's is {layout}: "
-                             "resume with the run.zero_stage (0 vs 1/2) and run.precision the checkpoint was written with")
-        if layout == LAYOUT_REPLICATED:
-            load_optimizer_state(self.engine, shared["optimizer"])
-        elif ckpt.world_size == self.world:  # this rank's own ZeRO slice: exact
-            load_optimizer_state(self.engine, payload["backbone_optimizer"])
-        else:  # another data-parallel size: scatter the consolidated state into this partitioning
-            load_consolidated_state(self.engine, shared["optimizer_consolidated"], str(path))
-        if self.distill is not None and shared.get("distill") is not None:
-            self.distill.load_state_dict(shared["distill"])  # the FPR thresholds
-        self.head.load_state_dict(payload["head"])
-        train = payload["train"]
-        self.state.step, self.state.epoch, self.state.samples_seen = train["step"], train["epoch"], train["samples_seen"]
-        self.state.epoch_samples = int(train.get("epoch_samples", 0))
-        data_state, load_data = payload.get("data"), getattr(self.data, "load_state_dict", None)
-        if data_state is not None and load_data is not None:
-            load_data(data_state)  # the exact reader position (same world size)
-        else:
-            self._skip_to(self.state.epoch_samples)
-        if payload.get("rng") is not None:
-            restore_rng(payload["rng"])
-        else:  # another world size: a fresh, deterministic stream per rank; the data skips ahead (_skip_to)
+        self.backbone_optimizer.check_layout(ckpt.meta.get("backbone_optimizer_layout", LAYOUT_REPLICATED), str(path))
+        missing = self.ckpt.restore_states(ckpt)
+        self.backbone_optimizer.check_restored()
+        if "data" in missing or "data" not in {s.key for s in self.ckpt.states.states}:
+            self._skip_to(self.state.epoch_samples)  # another world size, or a source without a reader state
+        if "rng" in missing:  # another world size: a fresh, deterministic stream per rank
             seed_everything(self.cfg.run.seed + 1_000_003 * self.state.step + self.rank)
         self.last_saved_step = self.state.step
         self.resumed_from = path
@@ -130,38 +121,15 @@ class CheckpointingMixin:
     def save_checkpoint(self, sync: bool = False) -> None:
         """Every rank writes its shard (head, data position, RNG); rank 0 adds the backbone and its
         optimizer. Asynchronous unless `sync`: the step waits only for the copy to host memory."""
-        from fr_train.checkpointing import capture_rng
-        from fr_train.checkpointing.deepspeed_state import (
-            LAYOUT_PARTITIONED,
-            consolidated_state,
-            optimizer_layout,
-            portable_optimizer_state,
-        )
-
         st = self.state
         if st.step == self.last_saved_step:
             return
-        state_fn = getattr(self.data, "state_dict", None)
-        payload = {"train": {"step": st.step, "epoch": st.epoch, "samples_seen": st.samples_seen,
-                             "epoch_samples": st.epoch_samples},
-                   "head": self.head.state_dict(), "data": state_fn() if state_fn is not None else None,
-                   "rng": capture_rng()}
-        # ZeRO 1/2: every rank saves its slice of the backbone optimizer; else rank 0 saves the whole.
-        layout = optimizer_layout(self.engine)
-        partitioned = layout == LAYOUT_PARTITIONED
-        payload["backbone_optimizer"] = portable_optimizer_state(self.engine) if partitioned else None
-        consolidated = consolidated_state(self.engine)  # a collective under ZeRO (every rank), else None
-        shared = meta = None
+        meta = None
         if self.rank == 0:
-            shared = {"backbone": self.engine.module.state_dict(),
-                      "optimizer": None if partitioned else portable_optimizer_state(self.engine),
-                      "optimizer_consolidated": consolidated,  # for a resume on another world size
-                      "distill": None if self.distill is None else self.distill.state_dict()}
             meta = {"epoch": st.epoch, "samples_seen": st.samples_seen, "num_classes": self.num_classes,
-                    "config": self.cfg.to_dict(), "backbone_optimizer_layout": layout}
+                    "config": self.cfg.to_dict(), "backbone_optimizer_layout": self.backbone_optimizer.layout}
         t0 = time.perf_counter()
-        save = self.ckpt.save if sync else self.ckpt.save_async
-        save(st.step, payload, shared, meta, private_payload=True)
+        self.ckpt.save_states(st.step, meta, sync=sync)
         stall = time.perf_counter() - t0
         self.save_policy.saved()
         self.last_saved_step = st.step

@@ -39,3 +39,12 @@ class TrainState:
     """Global samples consumed in the current epoch: the data position a resume on another world
     size (or from a source without a reader state) skips ahead to."""
     history: list[dict[str, Any]] = field(default_factory=list)
+
+    def state_dict(self) -> dict[str, int]:
+        """The global counters (identical on every rank), the ``train`` entry of a checkpoint."""
+        return {"step": self.step, "epoch": self.epoch, "samples_seen": self.samples_seen,
+                "epoch_samples": self.epoch_samples}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step, self.epoch, self.samples_seen = int(state["step"]), int(state["epoch"]), int(state["samples_seen"])
+        self.epoch_samples = int(state.get("epoch_samples", 0))  # absent in checkpoints before elastic runs
