@@ -133,8 +133,9 @@ def launch(cfg: TrainConfig) -> int:
     cfg.run.storage = str(storage)
     run_dir = storage / cfg.run.name
     # Before anything else: a run name owns its directory (resume it, --overwrite it, or another
-    # --name); every checkpoint it would resume from is verified here, on the driver.
-    check_run_directory(run_dir, cfg)
+    # --name); the checkpoint it would resume from is checked here, on the driver (manifests and
+    # sizes: rank 0 hashes every file before loading, and a large head's checkpoint is GBs).
+    check_run_directory(run_dir, cfg, hash_files=False)
     data_dir = prepare_data(cfg)
     cfg.data.path = str(data_dir)
 

@@ -185,6 +185,18 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_older_one_and_is_set_asid
     assert "fr_train never deletes them" in caplog.text
 
 
+def test_the_drivers_early_check_reads_sizes_and_leaves_the_hashing_to_rank_0(tmp_path: Path) -> None:
+    """The driver checks a run directory before Ray starts, and rank 0 checks it again (hashing every
+    file) before loading: the driver's check reads manifests and sizes only, so a multi-GB checkpoint
+    is hashed once per launch. A same-size corruption passes the driver and is caught by rank 0."""
+    run = _finished_run(tmp_path)
+    _bitflip(run / "checkpoints" / "step_000000004" / "backbone.pt")
+    driver = check_run_directory(run, _cfg(tmp_path, "r1", "checkpoint.resume=auto"), hash_files=False)
+    assert driver.resume_path == str(run / "checkpoints" / "step_000000004")
+    rank0 = check_run_directory(run, _cfg(tmp_path, "r1", "checkpoint.resume=auto"))
+    assert rank0.resume_path == str(run / "checkpoints" / "step_000000002")
+
+
 def test_checkpoints_newer_than_an_explicit_older_resume_are_set_aside_not_deleted(tmp_path: Path) -> None:
     """--resume PATH naming an older step of the run: the newer checkpoints are another timeline, kept."""
     root = tmp_path / "r1" / "checkpoints"

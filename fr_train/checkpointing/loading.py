@@ -169,7 +169,7 @@ class CheckpointSurvey:
         return self.latest is not None or bool(self.unloadable)
 
 
-def survey_checkpoints(root: str | Path) -> CheckpointSurvey:
+def survey_checkpoints(root: str | Path, *, hash_files: bool = True) -> CheckpointSurvey:
     """Verify the ``step_*`` directories under ``root`` newest first, up to the first loadable one.
     Reads only; nothing is moved or deleted. Why it stops there: verifying hashes every file (GBs
     for a large head), and older checkpoints play no part in a resume once a newer one loads."""
@@ -177,7 +177,7 @@ def survey_checkpoints(root: str | Path) -> CheckpointSurvey:
     unloadable: list[Unloadable] = []
     for step, path in committed_steps(root):
         try:
-            return CheckpointSurvey(root, load_checkpoint(path), unloadable)
+            return CheckpointSurvey(root, load_checkpoint(path, hash_files=hash_files), unloadable)
         except (CorruptCheckpointError, OSError, ValueError, KeyError, TypeError) as e:
             unloadable.append(Unloadable(step, path, str(e)))
     return CheckpointSurvey(root, None, unloadable)

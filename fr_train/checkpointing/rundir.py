@@ -141,14 +141,17 @@ def _refuse_unloadable(run_dir: Path, survey: CheckpointSurvey, mode: str) -> Ru
         f"or pass {_OVERWRITE}.")
 
 
-def check_run_directory(run_dir: str | Path, cfg: TrainConfig, *, launch_id: str | None = None) -> RunStart:
+def check_run_directory(run_dir: str | Path, cfg: TrainConfig, *, launch_id: str | None = None,
+                        hash_files: bool = True) -> RunStart:
     """Decide what a start with ``cfg`` does with ``run_dir`` (STORAGE/NAME), or raise
     ``RunDirectoryError`` naming the directory, what it holds and the options. Reads only (the
     launcher may call it on the driver; the Trainer's rank 0 calls it again before writing anything).
     ``launch_id``: this launch's id (None on the driver): equal to the recorded one, this is a restart.
 
     Cost: with checkpoint.resume=auto the newest checkpoint is verified, every file hashed (the
-    Trainer reuses the result instead of hashing again)."""
+    Trainer reuses the result instead of hashing again). ``hash_files=False`` checks manifests and
+    sizes only: the driver's early check, which must not read a multi-GB checkpoint that rank 0 is
+    about to hash anyway."""
     run_dir = Path(run_dir)
     root = run_dir / CHECKPOINTS_DIR
     mode = cfg.checkpoint.resume
@@ -159,7 +162,7 @@ def check_run_directory(run_dir: str | Path, cfg: TrainConfig, *, launch_id: str
                                 "with --overwrite, or drop --overwrite")
     aside = set_aside_checkpoints(root)
     if launch_id is not None and recorded_launch(run_dir) == launch_id:
-        survey = survey_checkpoints(root)
+        survey = survey_checkpoints(root, hash_files=hash_files)
         log_survey(survey)
         if survey.latest is not None:
             return RunStart(run_dir, "auto", survey.latest, True, survey, set_aside=aside)
@@ -168,7 +171,7 @@ def check_run_directory(run_dir: str | Path, cfg: TrainConfig, *, launch_id: str
         # The launch committed nothing yet: start as it started (a path again, or fresh).
         return RunStart(run_dir, mode, None, True, survey, set_aside=aside)
     if mode == "auto":
-        survey = survey_checkpoints(root)
+        survey = survey_checkpoints(root, hash_files=hash_files)
         log_survey(survey)
         if survey.latest is not None:
             return RunStart(run_dir, "auto", survey.latest, False, survey, set_aside=aside)
