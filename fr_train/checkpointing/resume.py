@@ -1,7 +1,8 @@
 """What a resume needs beyond the bytes: the run facts (meta), the compatibility check, the code
 version, and re-splitting per-rank payloads for another world size.
 
-Per-rank payload convention (what the Trainer passes to ``CheckpointManager.save_async``):
+Per-rank payload convention (what ``CheckpointStates.collect`` builds from the Trainer's components,
+checkpointing/stateful.py, and ``CheckpointManager.save_async`` writes):
 ``{"train": {"step", "epoch", "samples_seen", ...}, "head": PartialFC.state_dict(),
 "data": iterator.state_dict() | None, "rng": capture_rng() | None, "backbone_optimizer": this rank's
 ZeRO slice | None}`` (checkpointing/deepspeed_state.py). ``train`` holds GLOBAL facts
