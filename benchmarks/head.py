@@ -24,7 +24,9 @@ and its timestamps; storage float32 / bfloat16, with and without VPL), next to t
 largest class count whose state fits ``--budget-gb`` next to ``--reserve-gb`` of backbone training
 memory: from the persistent bytes alone, and adding one step's transient memory (sampled rows'
 copies, their gradient, logits), measured on CPU as the RSS peak of a step at ``--transient-classes``
-and scaled by the sample rate ``--rate``. GB here = 10^9 bytes.
+and scaled by the sample rate ``--rate``. GB here = 10^9 bytes. Rows ``fr_train_compact``: bf16
+weight with the opt-in compact state (``momentum_dtype`` / ``memory_dtype`` = float8_e4m3fn: fp8 rows
++ a float32 scale per row, int32 VPL timestamps; fr_train/heads/compact.py).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from fr_train.heads import CombinedMargin, PartialFC, VPLConfig
+from fr_train.heads.compact import FP8
 
 
 def fixed_malloc_thresholds() -> None:
@@ -121,9 +124,10 @@ class BaselinePartialFCV2:
 
 class Ours:
     def __init__(self, num_classes: int, dim: int, sample_rate: float, margin: CombinedMargin,
-                 storage: str = "float32", vpl: bool = False) -> None:
+                 storage: str = "float32", vpl: bool = False, compact: bool = False) -> None:
         self.head = PartialFC(num_classes, dim, margin, sample_rate=sample_rate, storage_dtype=getattr(torch, storage),
-                              vpl=VPLConfig(start_iter=0) if vpl else None)
+                              vpl=VPLConfig(start_iter=0) if vpl else None, momentum_dtype=FP8 if compact else None,
+                              memory_dtype=FP8 if compact and vpl else None)
         # As the Trainer builds it: the optimizer's row state in the storage dtype.
         self.opt = self.head.make_optimizer(0.1, momentum=0.9, weight_decay=5e-4)
 
@@ -184,7 +188,8 @@ def persistent_state(head: PartialFC) -> dict[str, int]:
     return parts
 
 
-MEMORY_CONFIGS = tuple((storage, vpl) for storage in ("float32", "bfloat16") for vpl in (False, True))
+MEMORY_CONFIGS = tuple((storage, vpl, False) for storage in ("float32", "bfloat16") for vpl in (False, True)) + tuple(
+    ("bfloat16", vpl, True) for vpl in (False, True))
 
 
 def _transient_bytes_per_sampled_class(make: Callable[[], Ours | BaselinePartialFCV2], classes: int, rate: float,
@@ -212,22 +217,23 @@ def memory_report(classes: int = 4096, dim: int = 512, rate: float = 0.1, batch:
     """Bytes per class of each configuration and the largest class count that fits (module docstring)."""
     rows: list[dict[str, Any]] = []
     free = budget_gb * 1e9 - reserve_gb * 1e9
-    for storage, vpl in MEMORY_CONFIGS:
-        parts = persistent_state(Ours(classes, dim, rate, CombinedMargin.arcface(), storage, vpl).head)
-        rows.append({"impl": "fr_train", "storage": storage, "vpl": vpl, "parts_bytes_per_class":
+    for storage, vpl, compact in MEMORY_CONFIGS:
+        parts = persistent_state(Ours(classes, dim, rate, CombinedMargin.arcface(), storage, vpl, compact).head)
+        rows.append({"impl": "fr_train_compact" if compact else "fr_train", "storage": storage, "vpl": vpl,
+                     "compact": compact, "parts_bytes_per_class":
                      {k: v / classes for k, v in parts.items()}, "bytes_per_class": sum(parts.values()) / classes})
     base = BaselinePartialFCV2(classes, dim, rate, CombinedMargin.arcface())
     base.step(torch.randn(batch, dim), torch.randint(0, classes, (batch,)))  # creates momentum; grad is alive
     base_parts = {"weight": _nbytes(base.weight), "weight.grad (dense)": _nbytes(base.weight.grad),
                   **{f"weight.{k}": _nbytes(t) for k, t in base.opt.state[base.weight].items()}}
-    rows.append({"impl": "baseline_pfc_v2", "storage": "float32", "vpl": False, "parts_bytes_per_class":
+    rows.append({"impl": "baseline_pfc_v2", "storage": "float32", "vpl": False, "compact": False, "parts_bytes_per_class":
                  {k: v / classes for k, v in base_parts.items()}, "bytes_per_class": sum(base_parts.values()) / classes})
     del base
     for row in rows:
         row["max_classes_persistent"] = int(free // row["bytes_per_class"])
         if transient_classes:
-            cls = Ours if row["impl"] == "fr_train" else BaselinePartialFCV2
-            extra = (row["storage"], row["vpl"]) if cls is Ours else ()
+            cls = BaselinePartialFCV2 if row["impl"] == "baseline_pfc_v2" else Ours
+            extra = (row["storage"], row["vpl"], row["compact"]) if cls is Ours else ()
             make = functools.partial(cls, transient_classes, dim, rate, CombinedMargin.arcface(), *extra)
             per_sampled = _transient_bytes_per_sampled_class(make, transient_classes, rate, batch, dim)
             row["transient_bytes_per_sampled_class"] = per_sampled
@@ -240,15 +246,16 @@ def memory_report(classes: int = 4096, dim: int = 512, rate: float = 0.1, batch:
 
 def memory_table(report: dict[str, Any]) -> str:
     rate, transient = report["rate"], bool(report["transient_classes"])
-    head = ("| head | storage | VPL | weight | momentum | VPL bank | VPL timestamps | dense grad | bytes/class "
-            "| max classes (state only) |")
+    head = ("| head | storage | VPL | weight | momentum | VPL bank | row scales (fp8) | VPL timestamps | dense grad "
+            "| bytes/class | max classes (state only) |")
     if transient:
         head += f" step transient B/sampled class | max classes (state + step at rate {rate:g}) |"
-    lines = [head, "|" + "---|" * (10 + 2 * transient)]
+    lines = [head, "|" + "---|" * (11 + 2 * transient)]
     for r in report["rows"]:
         p = r["parts_bytes_per_class"]
         cells = [p.get("weight", 0), p.get("weight.momentum_buffer", 0), p.get("vpl_memory", 0),
-                 p.get("vpl_memory_iter", 0), p.get("weight.grad (dense)", 0)]
+                 p.get("weight.momentum_scale", 0) + p.get("vpl_memory_scale", 0), p.get("vpl_memory_iter", 0),
+                 p.get("weight.grad (dense)", 0)]
         line = (f"| {r['impl']} | {r['storage']} | {'yes' if r['vpl'] else 'no'} | "
                 + " | ".join(f"{c:g}" if c else "–" for c in cells)
                 + f" | {r['bytes_per_class']:g} | {r['max_classes_persistent'] / 1e6:.1f}M |")

@@ -19,6 +19,7 @@ from typing import Any, Literal
 import tomllib
 
 from data_pipeline.synthetic import SyntheticConfig
+from fr_train.methods import METHODS
 
 
 class ConfigError(ValueError):
@@ -99,6 +100,13 @@ class HeadConfig:
     contrastive_pos_weight: float = 1.0
     storage_dtype: Literal["float32", "bfloat16"] = "float32"
     """bf16 storage of prototypes and memory fits ~2x more classes per GPU."""
+    momentum_dtype: Literal["storage", "float8_e4m3fn"] = "storage"
+    """The head's SGD momentum rows: in storage_dtype, or fp8 + a float32 scale per row (516 B per class
+    at 512-d instead of 1,024 in bf16; heads/compact.py says why a running average tolerates it)."""
+    vpl_memory_dtype: Literal["storage", "float8_e4m3fn"] = "storage"
+    """The VPL memory bank: in storage_dtype with int64 timestamps, or fp8 + a float32 scale per row with
+    int32 timestamps (520 B per class instead of 1,032 in bf16). With bf16 storage and both keys at
+    float8_e4m3fn a VPL head keeps 2,060 B per class (3,080 with both at storage)."""
     seed: int = 1234
     """Seed of the negative sampler (offset by rank)."""
 
@@ -262,47 +270,6 @@ class TrainConfig:
 
         validate(cfg)
         return cfg
-
-
-# Method presets: one table. A preset sets the head (margin, VPL) and nothing else, so that
-# `--set` overrides compose with it predictably. Values follow the papers' published defaults.
-METHODS: dict[str, tuple[str, dict[str, Any]]] = {
-    "softmax": ("plain softmax cross-entropy over a linear layer (no normalisation)",
-                {"head.margin": "softmax", "head.s": 1.0, "head.m1": 1.0, "head.m2": 0.0, "head.m3": 0.0}),
-    "sphereface": ("SphereFace: multiplicative angular margin cos(m1·θ), m1=1.7, with the monotone ψ",
-                   {"head.margin": "sphereface", "head.s": 64.0, "head.m1": 1.7, "head.m2": 0.0,
-                    "head.m3": 0.0}),
-    "cosface": ("CosFace: additive cosine margin s·(cos θ − 0.4)",
-                {"head.margin": "cosface", "head.s": 64.0, "head.m1": 1.0, "head.m2": 0.0, "head.m3": 0.4}),
-    "arcface": ("ArcFace: additive angular margin s·cos(θ + 0.5)",
-                {"head.margin": "arcface", "head.s": 64.0, "head.m1": 1.0, "head.m2": 0.5, "head.m3": 0.0}),
-    "combined": ("combined margin s·(cos(m1·θ + m2) − m3) = (1, 0.3, 0.2) as in insightface",
-                 {"head.margin": "combined", "head.s": 64.0, "head.m1": 1.0, "head.m2": 0.3,
-                  "head.m3": 0.2}),
-    "vpl": ("VPL (Deng et al. 2021): ArcFace with variational prototypes from a sharded memory bank",
-            {"head.margin": "arcface", "head.s": 64.0, "head.m1": 1.0, "head.m2": 0.5, "head.m3": 0.0,
-             "head.vpl": True}),
-    "unpg": ("UNPG (Jung et al.): ArcFace + filtered in-batch negative pairs of the global batch",
-             {"head.loss": "unpg", "head.margin": "arcface", "head.s": 64.0, "head.m1": 1.0, "head.m2": 0.5,
-              "head.m3": 0.0}),
-    "epl": ("EPL: CosFace + empirical prototypes (class feature expectations) with an adaptive margin",
-            {"head.loss": "epl", "head.margin": "cosface", "head.s": 64.0, "head.m1": 1.0, "head.m2": 0.0,
-             "head.m3": 0.4}),
-    "bce": ("BCE with one learned unified threshold (UniFace): s·(cos − 0.4) against a bias b",
-            {"head.loss": "bce", "head.margin": "cosface", "head.s": 64.0, "head.m1": 1.0, "head.m2": 0.0,
-             "head.m3": 0.4}),
-    "uss": ("USS (UniTSFace): CosFace + unified-threshold sample-to-sample loss after epoch 1",
-            {"head.loss": "uss", "head.margin": "cosface", "head.s": 64.0, "head.m1": 1.0, "head.m2": 0.0,
-             "head.m3": 0.4}),
-    "distill": ("EKD distillation (Huang et al. 2022): ArcFace + rank terms matching a teacher's verification "
-                "decisions; set distill.teacher=RUN/final",
-                {"head.margin": "arcface", "head.s": 64.0, "head.m1": 1.0, "head.m2": 0.5, "head.m3": 0.0,
-                 "distill.ekd_pos_weight": 0.02, "distill.ekd_neg_weight": 0.01}),
-    "triplet": ("triplet loss with batch-hard mining over the global batch (FaceNet), margin 0.2, P×K batches",
-                {"head.loss": "triplet", "head.pair_margin": 0.2, "data.sampler": "pk"}),
-    "contrastive": ("contrastive loss over all pairs of the global batch, negative margin 0.3, P×K batches",
-                    {"head.loss": "contrastive", "head.pair_margin": 0.3, "data.sampler": "pk"}),
-}
 
 
 def build_config(

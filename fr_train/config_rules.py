@@ -103,6 +103,27 @@ def _check_synthetic(cfg: TrainConfig) -> None:
         _check(False, f"data.synthetic.{name}", msg, got=value)
 
 
+def _check_compact_head(cfg: TrainConfig) -> None:
+    """The compact head state (heads/compact.py) exists for what it was built and tested on: fp8 SGD
+    momentum of the margin-softmax head, fp8 VPL bank of a VPL head. Anywhere else the key would be
+    ignored or untested, so it is refused rather than silently changing nothing (or something)."""
+    h = cfg.head
+    if h.momentum_dtype == "float8_e4m3fn":
+        _check(cfg.optimizer.name == "sgd", "head.momentum_dtype",
+               "float8_e4m3fn needs optimizer.name=sgd (AdamW's second moment spans too many decades for one "
+               "scale per row); set head.momentum_dtype=storage or optimizer.name=sgd", got=h.momentum_dtype)
+        _check(cfg.optimizer.momentum > 0, "head.momentum_dtype",
+               "float8_e4m3fn stores SGD momentum, but optimizer.momentum is 0; set head.momentum_dtype=storage",
+               got=h.momentum_dtype)
+        _check(h.loss == "margin_softmax", "head.momentum_dtype",
+               f"float8_e4m3fn is built for head.loss=margin_softmax, not {h.loss}; set head.momentum_dtype=storage",
+               got=h.momentum_dtype)
+    if h.vpl_memory_dtype == "float8_e4m3fn":
+        _check(h.vpl, "head.vpl_memory_dtype",
+               "float8_e4m3fn sets the VPL memory bank's dtype but head.vpl is false; set head.vpl=true (or the "
+               "vpl method) or head.vpl_memory_dtype=storage", got=h.vpl_memory_dtype)
+
+
 def validate(cfg: TrainConfig) -> None:
     """Ranges and cross-field rules; every message names the key and the valid range."""
     from fr_train.backbones import BACKBONES  # local: backbones import torch
@@ -131,6 +152,7 @@ def validate(cfg: TrainConfig) -> None:
            f"VPL works with head.loss=margin_softmax, not {cfg.head.loss}")
     _check(not (cfg.head.loss in ("bce", "unpg", "uss", "epl") and cfg.head.margin == "softmax"), "head.margin",
            f"head.loss={cfg.head.loss} needs a normalised margin (cosface, arcface, ...), not softmax")
+    _check_compact_head(cfg)
     _check(cfg.head.bce_bias_ratio > 0, "head.bce_bias_ratio", "must be > 0")
     _check(cfg.head.unpg_whisker >= 0, "head.unpg_whisker", "must be >= 0")
     _check(cfg.head.uss_start_epoch >= 0 and cfg.head.epl_start_epoch >= 0, "head.uss_start_epoch/epl_start_epoch",

@@ -1,7 +1,8 @@
 """A training process SIGKILLed anywhere loses nothing but the steps since its newest committed
 checkpoint: 20 kill points drawn from a fixed seed, on the real Trainer (DALI on the synthetic
 default, DeepSpeed, the sharded head, asynchronous checkpoints every 2 steps), each followed by a
-restart with ``--resume auto``.
+restart with ``--resume auto``. The method is VPL with the compact head state (fp8 momentum and
+memory bank rows with per-row scales, bf16 prototypes).
 
 The kill points cover the whole life of a checkpoint: between two steps (the asynchronous write
 of the step just saved may still be running in its thread: SIGKILL takes both), half-way through
@@ -210,7 +211,11 @@ def test_sigkill_at_20_points_resumes_bitwise_from_the_newest_committed_checkpoi
     assert {phase for phase, _ in plan} == set(PHASES)  # the seed covers every kind of kill point
 
     def config(name: str) -> dict[str, Any]:
-        cfg = build_config("mbf", "cosface", overrides=[
+        # VPL in the compact head state (bf16 prototypes, fp8 momentum and memory rows with per-row
+        # scales): the state whose resume has the most parts to get exactly right.
+        cfg = build_config("mbf", "vpl", overrides=[
+            "head.storage_dtype=bfloat16", "head.momentum_dtype=float8_e4m3fn", "head.vpl_memory_dtype=float8_e4m3fn",
+            "head.vpl_start_iter=4",
             f"data.cache_dir={tmp_path_factory.mktemp('kill_cache')}", *TINY, f"run.storage={tmp_path}",
             f"run.name={name}", "data.batch_size=8", f"schedule.max_steps={TOTAL_STEPS}",
             f"checkpoint.every_steps={EVERY}", "checkpoint.every_minutes=0", "checkpoint.keep=2",

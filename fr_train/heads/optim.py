@@ -11,6 +11,14 @@ is exactly ``torch.optim.SGD(momentum, weight_decay, dampening=0)`` / ``torch.op
 Both subclass ``torch.optim.Optimizer``: ``param_groups[0]["lr"]`` is what an LR scheduler sets,
 and ``state_dict``/``load_state_dict``/``zero_grad`` behave as usual. Rows may be stored in bf16;
 the update is computed in fp32 (fp64 for fp64 parameters) and rounded back on write.
+
+SGD's momentum may instead be stored compact (``state_dtype=torch.float8_e4m3fn``): fp8 rows plus a
+float32 scale per row (state keys ``momentum_buffer`` and ``momentum_scale``), dequantised when a
+row is read and quantised when it is written (heads/compact.py says why a running average tolerates
+it). Only matrix parameters get fp8 rows; a 1-d parameter (the softmax preset's bias: one value per
+class) keeps its momentum in its own dtype, since a 4-byte scale per entry would cost more than fp8
+saves. AdamW refuses fp8 state: its second moment spans g² over many decades, which one scale per
+row would flush to zero.
 """
 
 from __future__ import annotations
@@ -18,6 +26,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+
+from fr_train.heads.compact import FP8, dequantize_rows, write_rows
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -45,6 +55,19 @@ class _Rows:
             self.t.copy_(self.value)
         else:
             self.t.index_copy_(0, self.rows, self.value.to(self.t.dtype))
+
+
+class _QuantRows:
+    """``_Rows`` for fp8 state: the given rows of (``data``, ``scale``) dequantised to ``dtype``;
+    ``write`` quantises them back (heads/compact.py)."""
+
+    def __init__(self, data: torch.Tensor, scale: torch.Tensor, rows: torch.Tensor | None, dtype: torch.dtype) -> None:
+        self.data, self.scale, self.rows = data, scale, rows
+        q, s = (data, scale) if rows is None else (data.index_select(0, rows), scale.index_select(0, rows))
+        self.value = dequantize_rows(q, s, dtype)
+
+    def write(self) -> None:
+        write_rows(self.data, self.scale, self.rows, self.value)
 
 
 CHUNK_ROWS = 1 << 16  # rows updated at a time: bounds the optimizer's temporaries for huge samples
@@ -81,6 +104,11 @@ class _RowSparseOptimizer(torch.optim.Optimizer):
                 if key not in rows[name]:
                     raise KeyError(f"optimizer state of {name!r} lacks {key!r} (has {sorted(rows[name])})")
                 value = rows[name][key]
+                if FP8 in (value.dtype, current.dtype) and value.dtype != current.dtype:
+                    raise ValueError(
+                        f"optimizer state {name}.{key} is {value.dtype}, this optimizer keeps {current.dtype}: "
+                        "the checkpoint was written with another head.momentum_dtype; resume with the same one"
+                    )
                 if value.shape != current.shape:
                     raise ValueError(
                         f"optimizer state {name}.{key} has shape {tuple(value.shape)}, this shard needs "
@@ -90,7 +118,8 @@ class _RowSparseOptimizer(torch.optim.Optimizer):
 
 
 class RowSparseSGD(_RowSparseOptimizer):
-    """SGD with momentum and (coupled, L2) weight decay on the sampled rows only."""
+    """SGD with momentum and (coupled, L2) weight decay on the sampled rows only. ``state_dtype``:
+    the momentum rows' dtype (None: the parameter's; ``torch.float8_e4m3fn``: compact, module doc)."""
 
     kind = "sgd"
 
@@ -107,10 +136,17 @@ class RowSparseSGD(_RowSparseOptimizer):
             raise ValueError(f"lr, momentum, weight_decay must be >= 0, got {lr}, {momentum}, {weight_decay}")
         if nesterov and momentum == 0:
             raise ValueError("nesterov momentum needs momentum > 0")
+        if state_dtype == FP8 and momentum == 0:
+            raise ValueError("fp8 momentum (state_dtype=torch.float8_e4m3fn) needs momentum > 0: there is no "
+                             "momentum to store")
         super().__init__(named_params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "nesterov": nesterov})
         for p in self.param_groups[0]["params"]:
-            if momentum > 0:
-                self.state[p]["momentum_buffer"] = torch.zeros_like(p, dtype=state_dtype or p.dtype)
+            if momentum > 0 and state_dtype == FP8 and p.dim() == 2:
+                self.state[p]["momentum_buffer"] = torch.zeros_like(p, dtype=FP8)
+                self.state[p]["momentum_scale"] = torch.zeros(p.shape[0], dtype=torch.float32, device=p.device)
+            elif momentum > 0:
+                dtype = p.dtype if state_dtype in (None, FP8) else state_dtype
+                self.state[p]["momentum_buffer"] = torch.zeros_like(p, dtype=dtype)
 
     @torch.no_grad()
     def step(self, closure: None = None) -> None:  # type: ignore[override]
@@ -125,7 +161,11 @@ class RowSparseSGD(_RowSparseOptimizer):
                 if wd:
                     d = d.add(w.value, alpha=wd)
                 if momentum > 0:
-                    buf = _Rows(self.state[p]["momentum_buffer"], rows, cdt)
+                    state = self.state[p]
+                    buf: _Rows | _QuantRows = (
+                        _QuantRows(state["momentum_buffer"], state["momentum_scale"], rows, cdt)
+                        if "momentum_scale" in state else _Rows(state["momentum_buffer"], rows, cdt)
+                    )
                     buf.value.mul_(momentum).add_(d)  # first step: 0·m + d = d, as torch.optim.SGD
                     buf.write()
                     d = d.add(buf.value, alpha=momentum) if nesterov else buf.value
@@ -149,6 +189,9 @@ class RowSparseAdamW(_RowSparseOptimizer):
     ) -> None:
         if lr < 0 or weight_decay < 0 or eps <= 0 or not all(0 <= b < 1 for b in betas):
             raise ValueError(f"invalid AdamW hyper-parameters lr={lr}, betas={betas}, eps={eps}, wd={weight_decay}")
+        if state_dtype == FP8:
+            raise ValueError("RowSparseAdamW keeps no fp8 state (exp_avg_sq spans too many decades for one scale "
+                             "per row); use state_dtype None/bfloat16, or SGD for head.momentum_dtype=float8_e4m3fn")
         super().__init__(named_params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
         for p in self.param_groups[0]["params"]:
             self.state[p]["exp_avg"] = torch.zeros_like(p, dtype=state_dtype or p.dtype)

@@ -10,6 +10,11 @@ One rank's step (DESIGN.md "The sharded head"):
 6. training + VPL: write the memory bank rows of the owned classes (after the logits of this step
    were formed, so step t's logits use the memory of steps < t).
 
+Compact state (opt-in, heads/compact.py): ``momentum_dtype=torch.float8_e4m3fn`` keeps the SGD
+momentum rows as fp8 + a float32 scale per row, ``memory_dtype=torch.float8_e4m3fn`` the VPL bank
+likewise (buffers ``vpl_memory`` fp8, ``vpl_memory_scale`` float32) with int32 timestamps. The
+defaults (None) keep the storage dtype and int64 timestamps, exactly as before.
+
 Gradient contract: ``loss.backward()`` on every rank gives rank r exactly ``dL/d(its embeddings)``
 and ``dL/d(its shard)``, where L is the global mean loss (each shard's contribution to an
 embedding's gradient is summed over ranks once, by the gather's reduce-scatter). The backbone is
@@ -29,6 +34,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from fr_train.heads.compact import (
+    FP8,
+    TIMESTAMP_DTYPE,
+    TIMESTAMP_MAX,
+    check_compact_dtype,
+    dequantize_rows,
+    quantize_rows,
+)
 from fr_train.heads.cross_entropy import margin_softmax_ce
 from fr_train.heads.margin import CombinedMargin
 from fr_train.heads.optim import RowSparseAdamW, RowSparseSGD
@@ -108,7 +121,8 @@ class PartialFC(nn.Module):
     rank). After ``backward`` ``weight.grad`` is dense at ``sample_rate == 1`` and a sparse COO tensor
     with the sampled rows otherwise. ``last_sampled_classes`` holds the global class ids used by this
     rank in the last forward. Training-mode forwards advance ``iteration`` (the VPL step t, 1-based)
-    and sample; eval-mode forwards use every row and change no state.
+    and sample; eval-mode forwards use every row and change no state. ``momentum_dtype`` /
+    ``memory_dtype``: None (the storage dtype) or ``torch.float8_e4m3fn`` (compact state, module doc).
     """
 
     def __init__(
@@ -125,6 +139,8 @@ class PartialFC(nn.Module):
         matmul_dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         init_std: float = 0.01,
+        momentum_dtype: torch.dtype | None = None,
+        memory_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         if embedding_size < 1:
@@ -136,12 +152,17 @@ class PartialFC(nn.Module):
                              "margin (ArcFace/CosFace/SphereFace/combined), not CombinedMargin.softmax()")
         if storage_dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
             raise ValueError(f"storage_dtype must be a floating dtype, got {storage_dtype}")
+        check_compact_dtype("momentum_dtype", momentum_dtype)
+        check_compact_dtype("memory_dtype", memory_dtype)
+        if memory_dtype is not None and vpl is None:
+            raise ValueError("memory_dtype sets the VPL memory bank's dtype, but this head has no VPL (vpl=None)")
         self.comm = resolve_group(group)
         shard = class_shard(num_classes, self.comm.world_size, self.comm.rank)
         self.num_classes, self.embedding_size = num_classes, embedding_size
         self.class_start, self.num_local = shard.class_start, shard.num_local
         self.margin, self.sample_rate, self.vpl, self.seed = margin, sample_rate, vpl, seed
         self.matmul_dtype = matmul_dtype
+        self.momentum_dtype, self.memory_dtype = momentum_dtype, memory_dtype
         dev = torch.device(device) if device is not None else torch.device("cpu")
 
         self.weight = nn.Parameter(
@@ -152,7 +173,15 @@ class PartialFC(nn.Module):
             self.bias = nn.Parameter(torch.zeros(self.num_local, dtype=storage_dtype, device=dev))
         else:
             self.register_parameter("bias", None)
-        if vpl is not None:
+        if vpl is not None and memory_dtype == FP8:
+            # The same random unit rows as the full-precision bank, quantised (compact.py).
+            memory, scale = quantize_rows(
+                _block_init(self.class_start, self.num_local, embedding_size, seed, 2, None, torch.float32, dev))
+            self.register_buffer("vpl_memory", memory)
+            self.register_buffer("vpl_memory_scale", scale)
+            self.register_buffer("vpl_memory_iter",
+                                 torch.full((self.num_local,), NEVER_WRITTEN, dtype=TIMESTAMP_DTYPE, device=dev))
+        elif vpl is not None:
             memory = _block_init(self.class_start, self.num_local, embedding_size, seed, 2, None, storage_dtype, dev)
             self.register_buffer("vpl_memory", memory)
             self.register_buffer("vpl_memory_iter", torch.full((self.num_local,), NEVER_WRITTEN, dtype=torch.int64, device=dev))
@@ -165,6 +194,25 @@ class PartialFC(nn.Module):
     @property
     def class_end(self) -> int:
         return self.class_start + self.num_local
+
+    @property
+    def compact_memory(self) -> bool:
+        return self.vpl is not None and self.memory_dtype == FP8
+
+    def _row_names(self) -> list[str]:
+        """The per-class tensors of ``state_dict()["rows"]`` (reshard.py splits each by class)."""
+        names = ["weight"] + (["bias"] if self.bias is not None else [])
+        if self.vpl is not None:
+            names += ["vpl_memory"] + (["vpl_memory_scale"] if self.compact_memory else []) + ["vpl_memory_iter"]
+        return names
+
+    def _memory_rows(self, idx: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+        """The VPL bank rows ``idx`` (all if None), in ``dtype`` (dequantised when compact)."""
+        memory = self.vpl_memory if idx is None else self.vpl_memory.index_select(0, idx)
+        if not self.compact_memory:
+            return memory
+        scale = self.vpl_memory_scale if idx is None else self.vpl_memory_scale.index_select(0, idx)
+        return dequantize_rows(memory, scale, dtype)
 
     # Forward -------------------------------------------------------------------------------------
     def _check_and_sizes(self, embeddings: torch.Tensor, labels: torch.Tensor) -> list[int]:
@@ -224,6 +272,9 @@ class PartialFC(nn.Module):
         y = gather_rows_nograd(self.comm, labels.to(torch.int64), sizes)
 
         if self.training:
+            if self.compact_memory and self.iteration >= TIMESTAMP_MAX:
+                raise ValueError(f"PartialFC: step {self.iteration + 1} does not fit the int32 VPL timestamps of "
+                                 "head.vpl_memory_dtype=float8_e4m3fn; resume with head.vpl_memory_dtype=storage")
             self.iteration += 1
         step = self.iteration
         owned = torch.nonzero((y >= self.class_start) & (y < self.class_end)).squeeze(1)
@@ -241,7 +292,7 @@ class PartialFC(nn.Module):
         if not self.margin.linear:
             w = F.normalize(w, dim=1)
         if self.vpl is not None:
-            memory = self.vpl_memory if idx is None else self.vpl_memory.index_select(0, idx)
+            memory = self._memory_rows(idx, compute_dtype)
             memory_iter = self.vpl_memory_iter if idx is None else self.vpl_memory_iter.index_select(0, idx)
             w = inject(self.vpl, w, memory.detach(), memory_iter, step)
             # Fraction of this rank's prototypes in the step that were variational (a 0-d tensor:
@@ -260,7 +311,8 @@ class PartialFC(nn.Module):
         s = self.prepare(embeddings, labels)
         loss = margin_softmax_ce(s.x, s.w, s.bias, s.target_col, self.margin, self.comm, self.matmul_dtype)
         if self.training and self.vpl is not None:
-            write_latest(self.vpl_memory, self.vpl_memory_iter, s.local_labels, s.x[s.owned].detach(), s.iteration)
+            write_latest(self.vpl_memory, self.vpl_memory_iter, s.local_labels, s.x[s.owned].detach(), s.iteration,
+                         scale=self.vpl_memory_scale if self.compact_memory else None)
         return loss
 
     # Optimizer -----------------------------------------------------------------------------------
@@ -287,7 +339,10 @@ class PartialFC(nn.Module):
         state_dtype: torch.dtype | None = None,
     ) -> RowSparseSGD | RowSparseAdamW:
         """The head's own row-sparse optimizer (kept in ``self.optimizer`` and in ``state_dict``).
-        Drive its LR with ``opt.param_groups[0]["lr"] = lr`` or any torch LR scheduler."""
+        Drive its LR with ``opt.param_groups[0]["lr"] = lr`` or any torch LR scheduler. The row state's
+        dtype: ``state_dtype`` if given, else the head's ``momentum_dtype`` (None: the storage dtype)."""
+        if state_dtype is None:
+            state_dtype = self.momentum_dtype
         params = [("weight", self.weight)] + ([("bias", self.bias)] if self.bias is not None else [])
         if kind == "sgd":
             opt: RowSparseSGD | RowSparseAdamW = RowSparseSGD(params, lr, momentum, weight_decay, nesterov, state_dtype)
@@ -304,12 +359,7 @@ class PartialFC(nn.Module):
         if args or kwargs:
             raise TypeError("PartialFC is model-parallel (each rank holds a different shard): save it with "
                             "head.state_dict() on its own, not nested in another module's state_dict")
-        rows: dict[str, torch.Tensor] = {"weight": host_copy(self.weight)}
-        if self.bias is not None:
-            rows["bias"] = host_copy(self.bias)
-        if self.vpl is not None:
-            rows["vpl_memory"] = host_copy(self.vpl_memory)
-            rows["vpl_memory_iter"] = host_copy(self.vpl_memory_iter)
+        rows = {name: host_copy(getattr(self, name)) for name in self._row_names()}
         optimizer = None
         if self.optimizer is not None:
             optimizer = {
@@ -352,15 +402,16 @@ class PartialFC(nn.Module):
                         if field in ("world_size", "rank", "class_start", "num_local") else "")
                 raise ValueError(f"head state: field {field!r} is {state.get(field)!r}, this head has {mine!r}{hint}")
         rows = state["rows"]
-        wanted = {"weight"} | ({"bias"} if self.bias is not None else set())
-        wanted |= {"vpl_memory", "vpl_memory_iter"} if self.vpl is not None else set()
+        wanted = set(self._row_names())
         if strict and set(rows) != wanted:
             raise ValueError(f"head state: field 'rows' holds {sorted(rows)}, this head needs {sorted(wanted)} "
-                             "(a softmax head has a bias, a VPL head a memory bank)")
+                             "(a softmax head has a bias, a VPL head a memory bank, a compact VPL bank a scale)")
+        if self.vpl is not None and "vpl_memory" in rows and (rows["vpl_memory"].dtype == FP8) != self.compact_memory:
+            raise ValueError(f"head state: rows['vpl_memory'] is {rows['vpl_memory'].dtype}, this head keeps "
+                             f"{self.vpl_memory.dtype}: the checkpoint was written with another head.vpl_memory_dtype; "
+                             "resume with the same one")
         with torch.no_grad():
-            targets = {"weight": self.weight, "bias": self.bias}
-            if self.vpl is not None:
-                targets |= {"vpl_memory": self.vpl_memory, "vpl_memory_iter": self.vpl_memory_iter}
+            targets = {name: getattr(self, name) for name in wanted}
             for name in wanted & set(rows):
                 if rows[name].shape != targets[name].shape:
                     raise ValueError(f"head state: rows[{name!r}] has shape {tuple(rows[name].shape)}, "

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from fr_train.heads.compact import write_rows
+
 NEVER_WRITTEN = -1
 
 
@@ -55,7 +57,8 @@ def inject(
     if step <= config.start_iter or config.lambda_ == 0.0:
         return normalized_weight
     fresh = fresh_rows(config, memory_iter, step)
-    lam = torch.where(fresh, config.lambda_, 0.0).to(normalized_weight.dtype).unsqueeze(1)
+    # λ in the prototypes' dtype (a torch.where on Python scalars would round it to float32 first).
+    lam = fresh.to(normalized_weight.dtype).mul_(config.lambda_).unsqueeze(1)
     mixed = (1.0 - lam) * normalized_weight + lam * memory.to(normalized_weight.dtype)
     return F.normalize(mixed, dim=1)
 
@@ -67,14 +70,19 @@ def write_latest(
     local_labels: torch.Tensor,
     features: torch.Tensor,
     step: int,
+    scale: torch.Tensor | None = None,
 ) -> None:
     """``M[y_i] ← x_i``, ``t[y_i] ← step`` for the given (owned) samples; for a class present several
     times the LAST sample in global batch order wins (deterministic on every device, unlike a plain
-    indexed copy with duplicate indices)."""
+    indexed copy with duplicate indices). ``scale``: the per-row scales of a compact (fp8) bank, whose
+    written rows are quantised (heads/compact.py)."""
     if local_labels.numel() == 0:
         return
     classes, inverse = torch.unique(local_labels, return_inverse=True)
     order = torch.arange(local_labels.numel(), device=local_labels.device)
     last = torch.full_like(classes, -1).scatter_reduce(0, inverse, order, reduce="amax")
-    memory[classes] = features[last].to(memory.dtype)
+    if scale is None:
+        memory[classes] = features[last].to(memory.dtype)
+    else:
+        write_rows(memory, scale, classes, features[last])
     memory_iter[classes] = step
