@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -112,9 +113,46 @@ def _engine_step(rank: int, world: int) -> tuple[list[str], np.ndarray, bool]:
 def test_bf16_engine_on_channels_last_model_builds_steps_and_stays_in_sync_at_two_ranks() -> None:
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
     (dtypes0, params0, contiguous0), (_, params1, _) = run_distributed(_engine_step, 2, timeout=600)
-    assert dtypes0 == ["torch.bfloat16"] and contiguous0
+    # bf16 is autocast over a float32 engine: float32 weights, bf16 compute (engine.py's docstring)
+    assert dtypes0 == ["torch.float32"] and contiguous0
     assert np.isfinite(params0).all()
     np.testing.assert_array_equal(params0, params1)  # the averaged gradient stepped both replicas alike
+
+
+def _optimizer_of_a_bf16_engine(rank: int, world: int) -> dict[str, Any]:
+    from fr_train.backbones import build_backbone
+    from fr_train.checkpointing.deepspeed_state import BackboneOptimizer, portable_optimizer_state
+    from fr_train.train import engine as eng
+
+    fmt = resolve_format("bf16", "true", CPU)
+    model = build_backbone("mbf", embedding_size=64, dropout=0.0, image_size=32)
+    opt = eng.backbone_optimizer(model.parameters(), "sgd", 0.1, 0.9, 5e-4)
+    engine = eng.build_engine(model, opt, eng.deepspeed_config(fmt, micro_batch=4, grad_accum=1, clip_grad_norm=5.0,
+                                                                zero_stage=0), torch.device("cpu"))
+    whole = next(s.component for s in BackboneOptimizer(engine).states() if s.key == "optimizer")
+    whole.load_state_dict(portable_optimizer_state(engine))  # its own kind: loads
+    # What DeepSpeed's bf16 mode (FP16_UnfusedOptimizer) saved before bf16 became autocast.
+    old = {"dynamic_loss_scale": False, "cur_scale": 1.0, "cur_iter": 0, "optimizer_state_dict": {},
+           "fp32_groups": [], "clip_grad": 5.0}
+    whole.owner.restored, whole.owner.where = False, "RUN/checkpoints/step_000000010"
+    try:
+        whole.load_state_dict(old)
+    except ValueError as exc:
+        return {"optimizer": type(engine.optimizer).__name__, "foreach": engine.optimizer.defaults["foreach"],
+                "clipping": engine.gradient_clipping(), "error": str(exc)}
+    return {"error": None}
+
+
+@pytest.mark.slow
+def test_bf16_is_autocast_over_a_float32_engine_with_one_foreach_optimizer() -> None:
+    """bf16 runs DeepSpeed's float32 engine under autocast with a plain foreach SGD (fr_train clips at
+    ZeRO 0), not DeepSpeed's bf16 mode whose optimizer works tensor by tensor; a checkpoint of that
+    mode's optimizer is refused naming the checkpoint, not misread."""
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+    out = run_distributed(_optimizer_of_a_bf16_engine, 1, timeout=300)[0]
+    assert (out["optimizer"], out["foreach"], out["clipping"]) == ("SGD", True, 0.0)
+    assert out["error"].startswith("RUN/checkpoints/step_000000010: the backbone optimizer state has fields")
+    assert "DeepSpeed's bf16 mode" in out["error"] and "start a new run name" in out["error"]
 
 
 # ------------------------------------------------------------------------------------------------

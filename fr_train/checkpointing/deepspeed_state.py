@@ -206,5 +206,20 @@ class _OptimizerPart:
         if self.part == "consolidated":
             load_consolidated_state(self.owner.engine, state, self.owner.where)
         else:
+            check_optimizer_format(self.owner.engine, state, self.owner.where)
             load_optimizer_state(self.owner.engine, state)
         self.owner.restored = True
+
+
+def check_optimizer_format(engine: Any, state: dict[str, Any], where: str) -> None:
+    """Refuse an optimizer state written by another kind of optimizer (its keys differ from the live
+    one's): e.g. a bf16 checkpoint from before bf16 became autocast over a float32 engine (then
+    DeepSpeed's FP16_UnfusedOptimizer: ``fp32_groups``, ``optimizer_state_dict``), whose state a
+    plain SGD would misread or choke on deep inside DeepSpeed."""
+    live = set(engine.optimizer.state_dict()) - {_SLICE_MAPPINGS}
+    if set(state) != live:
+        raise ValueError(f"{where}: the backbone optimizer state has fields {sorted(state)}, this run's optimizer "
+                         f"({type(engine.optimizer).__name__}) has {sorted(live)}: the checkpoint was written with "
+                         "another run.precision / run.zero_stage, or by an fr_train whose bf16 was DeepSpeed's bf16 "
+                         "mode (before 2026-12-01); resume it with those settings and that version, or start a new "
+                         "run name")

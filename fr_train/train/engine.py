@@ -14,6 +14,18 @@ Memory format: the backbone's *activations* are channels_last when ``channels_la
 one buffer that they alias; a channels_last parameter breaks both. A convolution whose input is
 channels_last runs its NHWC kernel (cuDNN and oneDNN choose the format from input *or* weight), so
 a channels_last batch gives channels_last activations through the whole network.
+
+bf16 is autocast over a float32 engine (DeepSpeed's ``torch_autocast``): the weights, their
+gradients and the optimizer stay float32 and the forward computes in bf16, as arcface_torch does
+with fp16. Why not DeepSpeed's ``bf16`` mode: at ZeRO 0 it wraps the optimizer in
+FP16_UnfusedOptimizer, whose step works tensor by tensor (overflow check, cast to float32, clip,
+copy back): ~1,780 operators per step for r18 (measured, benchmarks/RESULTS.md), each a kernel
+launch on a GPU, where the optimizer took 60% of the step. On the float32 engine the optimizer is
+one ``foreach`` SGD and clipping one ``foreach`` norm (:func:`clip_gradients`, done by fr_train at
+ZeRO 0): ~107. The gradients are all-reduced in bf16 (``communication_data_type``), the bytes of
+DeepSpeed's bf16 mode. Memory: float32 weights + gradients + momentum (12 B/parameter) instead of
+bf16 weights + bf16 gradients + float32 master + momentum (12-16). fp16 keeps DeepSpeed's
+loss-scaled fp16 engine (clipping needs the unscaled gradients it owns).
 """
 
 from __future__ import annotations
@@ -54,8 +66,14 @@ class EngineFormat:
 
     @property
     def dtype(self) -> torch.dtype:
-        """The backbone's parameter and input dtype (DeepSpeed casts the module to it)."""
+        """The dtype the backbone computes in and its batches arrive in."""
         return _DTYPES[self.precision]
+
+    @property
+    def param_dtype(self) -> torch.dtype:
+        """The backbone's parameters: float16 under DeepSpeed's fp16 engine, else float32 (bf16 is
+        autocast over float32 weights: module docstring)."""
+        return torch.float16 if self.precision == "fp16" else torch.float32
 
     @property
     def memory_format(self) -> torch.memory_format:
@@ -111,33 +129,53 @@ def deepspeed_config(fmt: EngineFormat, *, micro_batch: int, grad_accum: int, cl
     ds: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": grad_accum,
-        "gradient_clipping": clip_grad_norm,
+        # At ZeRO 0 fr_train clips (clip_gradients: one foreach norm; DeepSpeed's is per tensor).
+        "gradient_clipping": 0.0 if clips_outside_deepspeed(fmt, zero_stage) else clip_grad_norm,
         "zero_optimization": {"stage": zero_stage},
         # Our SGD is a plain torch optimizer: DeepSpeed's ZeRO refuses it without this flag.
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    if fmt.precision == "bf16":
-        ds["bf16"] = {"enabled": True}
+    if fmt.precision == "bf16":  # autocast over a float32 engine (module docstring)
+        ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+        ds["communication_data_type"] = "bf16"
     elif fmt.precision == "fp16":
         ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
     return ds
 
 
+def clips_outside_deepspeed(fmt: EngineFormat, zero_stage: int) -> bool:
+    """Whether fr_train clips the backbone's gradients (:func:`clip_gradients`) instead of DeepSpeed:
+    at ZeRO 0 on a float32 engine (fp32, bf16), where the gradients are whole tensors after
+    DeepSpeed's all-reduce. ZeRO 1/2 hold them in flat partitions, and fp16's are loss-scaled:
+    DeepSpeed clips those."""
+    return zero_stage == 0 and fmt.precision != "fp16"
+
+
+def clip_gradients(module: torch.nn.Module, max_norm: float) -> torch.Tensor:
+    """Clip the backbone's gradients to a global L2 norm of ``max_norm`` in one foreach pass; returns
+    the norm before clipping (a tensor: no host sync). Call at the accumulation boundary, after
+    ``engine.backward`` (the gradients are then the all-reduced ones)."""
+    grads = [p for p in module.parameters() if p.grad is not None]
+    return torch.nn.utils.clip_grad_norm_(grads, max_norm, foreach=True)
+
+
 def backbone_optimizer(params: Iterable[torch.nn.Parameter], name: str, lr: float, momentum: float,
                        weight_decay: float) -> torch.optim.Optimizer:
+    """One multi-tensor (foreach) update for all of the backbone's parameters: a handful of
+    operators per step instead of a handful per tensor."""
     trainable = [p for p in params if p.requires_grad]
     if name == "sgd":
-        return torch.optim.SGD(trainable, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    return torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
+        return torch.optim.SGD(trainable, lr=lr, momentum=momentum, weight_decay=weight_decay, foreach=True)
+    return torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay, foreach=True)
 
 
 def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict[str, Any],
                  device: torch.device) -> Any:
     """``deepspeed.initialize`` on a module moved to ``device`` with contiguous parameters (see the
     module docstring: DeepSpeed's broadcast and ZeRO's flat buffers need them); DeepSpeed itself
-    casts the module to bf16/fp16."""
+    casts the module to fp16 (bf16 stays float32 under autocast)."""
     import deepspeed
 
     from fr_train.train.build_locks import clear_abandoned_build_locks

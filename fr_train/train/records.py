@@ -43,7 +43,7 @@ def read_events(run_dir: Path) -> list[dict[str, Any]]:
 class RecordsMixin:
     def _observe(self, loss: float, times: StepTimes) -> None:
         step_s = max(times.total, 1e-9)
-        grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = self.grad_norm
         stats = self.head.step_stats()
         self.metrics.observe_step(
             step=self.state.step, epoch=self.state.epoch, loss=loss, lr=self.schedule.lr(max(self.state.step - 1, 0)),

@@ -167,6 +167,9 @@ class Trainer(CheckpointingMixin, RecordsMixin):
         ds_config = eng.deepspeed_config(self.format, micro_batch=self.plan.micro_batch, grad_accum=self.plan.grad_accum,
                                          clip_grad_norm=o.clip_grad_norm, zero_stage=cfg.run.zero_stage)
         self.engine = eng.build_engine(backbone, opt, ds_config, self.device)
+        # At ZeRO 0 fr_train clips (one foreach norm), else DeepSpeed does (engine.clips_outside_deepspeed).
+        self.clip_norm = o.clip_grad_norm if eng.clips_outside_deepspeed(self.format, cfg.run.zero_stage) else 0.0
+        self.grad_norm: torch.Tensor | float | None = None  # the last step's, before clipping
         self.head = build_head(cfg, self.num_classes, self.device, self.steps_per_epoch * self.plan.grad_accum)
         # Heads without prototypes (triplet, contrastive) have nothing to optimise.
         self.head_optimizer = None if next(self.head.parameters(), None) is None else self.head.make_optimizer(
@@ -213,10 +216,14 @@ class Trainer(CheckpointingMixin, RecordsMixin):
         # DeepSpeed divides by grad_accum here, for the head's gradients too: they accumulate as
         # the mean over micro-batches, like the backbone's.
         self.engine.backward(loss)
+        if boundary and self.clip_norm > 0:
+            self.grad_norm = eng.clip_gradients(self.engine.module, self.clip_norm)
         self._sync()
         t2 = time.perf_counter()
         skipped_before = self.engine.skipped_steps
         self.engine.step()  # a no-op for the weights until the accumulation boundary
+        if boundary and not self.clip_norm:
+            self.grad_norm = self.engine.get_global_grad_norm()  # DeepSpeed's, where it clips
         if boundary and self.head_optimizer is not None:
             if self.engine.skipped_steps == skipped_before:
                 if loss_scale != 1.0:  # fp16: the head's gradients carry DeepSpeed's loss scale too
