@@ -216,10 +216,10 @@ class Trainer(CheckpointingMixin, RecordsMixin):
         # DeepSpeed divides by grad_accum here, for the head's gradients too: they accumulate as
         # the mean over micro-batches, like the backbone's.
         self.engine.backward(loss)
-        if boundary and self.clip_norm > 0:
-            self.grad_norm = eng.clip_gradients(self.engine.module, self.clip_norm)
         self._sync()
         t2 = time.perf_counter()
+        if boundary and self.clip_norm > 0:  # the optimizer part: the gradients are all-reduced by now
+            self.grad_norm = eng.clip_gradients(self.engine.module, self.clip_norm)
         skipped_before = self.engine.skipped_steps
         self.engine.step()  # a no-op for the weights until the accumulation boundary
         if boundary and not self.clip_norm:
