@@ -224,8 +224,9 @@ def test_an_elastic_run_shrinks_as_nodes_are_lost_and_grows_back_when_they_retur
         tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
     """A real local Ray cluster: a head without CPUs (driver and Ray Train's controller) and three
     one-CPU worker nodes, all on 127.0.0.1. `fr_train --num-workers 3 --min-workers 1` starts on 3;
-    a node is SIGKILLed → the run goes on at W=2 from its newest checkpoint; another → W=1; two new
-    nodes join → it grows back to W=3 at the next resize check. The whole run's losses equal an
+    two nodes are SIGKILLed → the run goes on at W=1 from its newest checkpoint (the 3 → 2 → 1 split
+    numerics are the in-process test's); two new nodes join → it grows back to W=3 at the next
+    resize check. The whole run's losses equal an
     uninterrupted run's (W=1, the same global batch of 24) to float tolerance, a step trained again
     after a resize gets the same loss, no step is lost, and the final model is the uninterrupted
     one's. Prints the measured resize times."""
@@ -320,13 +321,11 @@ def test_an_elastic_run_shrinks_as_nodes_are_lost_and_grows_back_when_they_retur
             trained = sum(1 for r in recs[starts[-1]:] if r.get("event") == "train") if starts else 0
             now = time.time()
             if phase == 0 and world == 3 and trained >= 3:
+                # Two nodes lost at once (a spot zone reclaimed): Ray may first restart at 2 workers, from
+                # the view it has of the cluster, before it sees both gone; the run ends up on one.
                 _kill_node(nodes[0])
-                events["lost 1"], phase = now, 1
-            elif phase == 1 and world == 2 and trained >= 1:
-                events.setdefault("training at W=2", now)
-                if trained >= 2:
-                    _kill_node(nodes[1])
-                    events["lost 2"], phase = now, 2
+                _kill_node(nodes[1])
+                events["lost 2"], phase = now, 2
             elif phase == 2 and world == 1 and trained >= 1:
                 events.setdefault("training at W=1", now)
                 if trained >= 2:
@@ -356,17 +355,18 @@ def test_an_elastic_run_shrinks_as_nodes_are_lost_and_grows_back_when_they_retur
         cli_log.close()
     out = (tmp_path / "driver.log").read_text()
     assert phase == 4 and proc.returncode == 0, (phase, events, out[-6000:])
-    shrink_1 = events["training at W=2"] - events["lost 1"]
-    shrink_2 = events["training at W=1"] - events["lost 2"]
+    shrink = events["training at W=1"] - events["lost 2"]
     grow = events["training at W=3"] - events["nodes up"]
-    print(f"\nresize times on this machine: node lost -> training at W=2 {shrink_1:.1f} s, at W=1 {shrink_2:.1f} s; "
+    print(f"\nresize times on this machine: two nodes lost -> training at W=1 {shrink:.1f} s; "
           f"two nodes back (`ray start` done) -> training at W=3 {grow:.1f} s, of which "
           f"{events['grow decided'] - events['nodes up']:.1f} s until Ray Train decided to grow")
 
     recs = records()
     worlds = [r["world_size"] for r in recs if r.get("event") == "start"]
-    assert worlds[:3] == [3, 2, 1] and worlds[-1] == 3 and worlds[2:] == sorted(worlds[2:]), worlds
-    assert "elastic run resized: 3 -> 2 workers" in out and "elastic run resized: 2 -> 1 workers" in out
+    low = worlds.index(1)  # shrunk to one worker (through two, if Ray restarted before it saw both nodes gone)
+    assert worlds[0] == 3 and worlds[:low + 1] in ([3, 1], [3, 2, 1]) and worlds[-1] == 3, worlds
+    assert worlds[low:] == sorted(worlds[low:]), worlds  # then only grows
+    assert "elastic run resized: 3 -> 1 workers" in out or "elastic run resized: 2 -> 1 workers" in out
     train = [(r["step"], r["loss"]) for r in recs if r.get("event") == "train"]
     # after every start: consecutive steps from the checkpoint it resumed, to the next start or the end
     first: dict[int, float] = {}
