@@ -1,7 +1,7 @@
 """SIGTERM handling inside Ray Train workers (cluster/preemption.py), as units: while a training loop
 runs, Ray's exit is deferred and the loop is told; otherwise Ray's handler runs as before. The
 whole path (a real worker SIGTERMed, every rank checkpointing that step, Ray resuming from it) is
-tests/test_resume.py::test_ray_survives_a_killed_worker_and_a_node_preemption."""
+tests/test_resume.py::test_ray_survives_a_node_preemption_and_a_sigterm."""
 
 from __future__ import annotations
 
