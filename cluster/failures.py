@@ -35,9 +35,10 @@ def is_retryable(exc: BaseException) -> bool:
 
 
 def one_line(exc: BaseException) -> str:
-    """The error as one line: its type and first line of message (ours name the file/key and fix)."""
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}".strip()
+    """The error as one line: its type and its whole message, lines joined (ours name the file/key and
+    the fix; a message's first line alone can be a mere heading, e.g. "PartialFC.forward: bad input:")."""
+    text = " ".join(line.strip() for line in str(exc).strip().splitlines() if line.strip())
+    return f"{type(exc).__name__}: {text}".strip()
 
 
 def _write(path: Path, record: dict[str, Any]) -> None:

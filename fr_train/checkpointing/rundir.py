@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fr_train.checkpointing.files import verify_directory
 from fr_train.checkpointing.loading import (
     CheckpointSurvey,
     LoadedCheckpoint,
@@ -193,7 +194,10 @@ def check_run_directory(run_dir: str | Path, cfg: TrainConfig, *, launch_id: str
                 f"--overwrite (run.overwrite=true) to delete it and start a new run in its place, or {_NEW_NAME}.")
         replace = [run_dir / CHECKPOINTS_DIR, run_dir / FINAL_DIR, *(run_dir / f for f in RUN_FILES)]
         return RunStart(run_dir, "never", replace=[p for p in replace if overwrite and p.exists()])
-    return RunStart(run_dir, mode, set_aside=aside)  # a checkpoint directory: the Trainer loads and checks it
+    # A checkpoint directory: its manifest and file sizes checked now, so that a path that is not a
+    # checkpoint is refused on the driver before any worker starts (rank 0 hashes it as it loads).
+    verify_directory(Path(mode), hash_files=False)
+    return RunStart(run_dir, mode, set_aside=aside)
 
 
 def _size(path: Path) -> int:
