@@ -167,18 +167,26 @@ def _runner(reference: dict[str, Any], killed: dict[str, Any], plan: list[tuple[
     import fr_train.heads
     import fr_train.train.trainer  # noqa: F401
 
-    def live(cfg: dict[str, Any], kill: tuple[str, int] | None) -> tuple[str, str]:
-        error_file = Path(out).with_suffix(f".err{os.getpid()}")
+    def start(cfg: dict[str, Any], kill: tuple[str, int] | None, name: str) -> tuple[int, Path]:
+        error_file = Path(out).with_suffix(f".err-{name}")
         error_file.unlink(missing_ok=True)
         pid = os.fork()
         if pid == 0:
             _life(cfg, kill, error_file)
+        return pid, error_file
+
+    def outcome(pid: int, error_file: Path) -> tuple[str, str]:
         _, status = os.waitpid(pid, 0)
         if os.WIFSIGNALED(status):
             return f"signal {os.WTERMSIG(status)}", ""
         return f"exit {os.WEXITSTATUS(status)}", error_file.read_text() if error_file.exists() else ""
 
-    result: dict[str, Any] = {"reference": live(reference, None), "lives": []}
+    def live(cfg: dict[str, Any], kill: tuple[str, int] | None) -> tuple[str, str]:
+        return outcome(*start(cfg, kill, "life"))
+
+    # The uninterrupted reference trains beside the lives (one thread each, two cores).
+    straight = start(reference, None, "reference")
+    result: dict[str, Any] = {"lives": []}
     root = Path(killed["run"]["storage"]) / killed["run"]["name"] / "checkpoints"
     for kill in [*plan, None]:
         status, error = live(killed, kill)
@@ -187,6 +195,7 @@ def _runner(reference: dict[str, Any], killed: dict[str, Any], plan: list[tuple[
                                 if root.is_dir() else []})
         if error:
             break
+    result["reference"] = outcome(*straight)
     Path(out).write_text(json.dumps(result))
 
 
