@@ -158,11 +158,11 @@ def test_bf16_is_autocast_over_a_float32_engine_with_one_foreach_optimizer() -> 
 # ------------------------------------------------------------------------------------------------
 # The real Trainer in the GPU's configuration
 # ------------------------------------------------------------------------------------------------
-def _tiny_config(tmp: Path, cache: Path, name: str, *extra: str) -> dict:
+def _tiny_config(tmp: Path, cache: Path, name: str, *extra: str, method: str = "arcface") -> dict:
     from cluster.launch import prepare_data
     from fr_train.config import build_config
 
-    cfg = build_config("mbf", "arcface", overrides=[
+    cfg = build_config("mbf", method, overrides=[
         f"data.cache_dir={cache}", *TINY, *GPU_CONFIG, f"run.storage={tmp}", f"run.name={name}",
         "data.batch_size=8", "run.log_every=1", "optimizer.lr=0.2", "optimizer.base_batch=16",
         "schedule.warmup_steps=0", "head.s=16", "head.m2=0.1", "checkpoint.every_minutes=0", "run.export_onnx=false", *extra])
@@ -200,16 +200,23 @@ def test_bf16_channels_last_trainer_learns_and_evaluates_through_dali_at_one_ran
 @pytest.mark.slow
 def test_bf16_channels_last_run_through_dali_resumes_bitwise_at_two_ranks(
         tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
+    """A run stopped at step 7 (a stop request on the last rank only, as a preemption notice or a
+    SIGTERM gives) and resumed from its checkpoint continues exactly as if it had never stopped: the
+    same per-step losses bitwise, across the epoch boundary at step 12, with VPL on, through DALI, with
+    ZeRO 1 (every rank's optimizer slice), at world size 2, in the GPU's configuration."""
     cache = tmp_path_factory.mktemp("gpu_cfg_cache")
-    cfg = _tiny_config(tmp_path, cache, "straight", "schedule.max_steps=6", "eval.enabled=false",
-                       "checkpoint.every_steps=3", "checkpoint.resume=never")
+    cfg = _tiny_config(tmp_path, cache, "straight", "schedule.max_steps=14", "eval.enabled=false",
+                       "checkpoint.every_steps=4", "checkpoint.resume=never", "run.zero_stage=1",
+                       "head.vpl_start_iter=4", "head.vpl_delta_t=8", method="vpl")  # 192 images: 12 steps/epoch
     straight = run_distributed(_fit, 2, cfg, 0, timeout=900)[0]["losses"]
     cfg["run"]["name"], cfg["checkpoint"]["resume"] = "interrupted", "auto"
-    first = run_distributed(_fit, 2, cfg, 3, timeout=900)[0]["losses"]
+    first = run_distributed(_fit, 2, cfg, 7, timeout=900)[0]["losses"]
     second = run_distributed(_fit, 2, cfg, 0, timeout=900)[0]["losses"]
-    assert [s for s, _ in straight] == list(range(1, 7)) and np.isfinite([loss for _, loss in straight]).all()
-    assert [s for s, _ in first] == [1, 2, 3] and [s for s, _ in second] == [4, 5, 6]
-    assert first + second == straight  # bitwise: the bf16 weights, fp32 master copies, RNG and data position
+    assert [s for s, _ in straight] == list(range(1, 15)) and np.isfinite([loss for _, loss in straight]).all()
+    assert [s for s, _ in first] == list(range(1, 8)) and [s for s, _ in second] == list(range(8, 15))
+    assert first + second == straight  # bitwise: weights, ZeRO slices, VPL bank, RNG and data position
+    checkpoints = sorted(p.name for p in (tmp_path / "interrupted" / "checkpoints").glob("step_*"))
+    assert checkpoints[-1] == "step_000000012"  # the resumed run checkpoints on: every 4 steps, the epoch end
 
 
 @pytest.mark.slow
