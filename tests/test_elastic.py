@@ -160,7 +160,8 @@ def _elastic_config(cache: Path, storage: Path, name: str, steps: int) -> Any:
                "data.batch_size=8", "run.num_workers=3", "run.min_workers=1", "data.sampler=global",
                "backbone.freeze_bn=true", "head.sample_rate=1", "head.s=16", "optimizer.lr=0.002",
                "optimizer.base_batch=24", "optimizer.clip_grad_norm=0", f"schedule.max_steps={steps}",
-               "run.log_every=1", "eval.enabled=false", "checkpoint.every_steps=0", "checkpoint.every_minutes=0", method="cosface")
+               "run.log_every=1", "eval.enabled=false", "checkpoint.every_steps=0", "checkpoint.every_minutes=0",
+               "run.export_onnx=false", method="cosface")  # ONNX: tests/test_export.py and the learning test
     cfg.data.path = str(prepare_data(cfg))
     return cfg
 
@@ -279,7 +280,8 @@ def test_an_elastic_run_shrinks_as_nodes_are_lost_and_grows_back_when_they_retur
     log = storage / "elastic" / "train_log.jsonl"
     overrides = [arg for key in ("data.cache_dir", "data.path", "data.batch_size", "data.sampler", "backbone.freeze_bn",
                                  "head.sample_rate", "head.s", "optimizer.lr",
-                                 "optimizer.base_batch", "optimizer.clip_grad_norm", "eval.every_steps")
+                                 "optimizer.base_batch", "optimizer.clip_grad_norm", "eval.every_steps",
+                                 "run.export_onnx")
                  for arg in ("--set", f"{key}={_get(cfg, key)}")]
     cmd = [str(bin_dir / "fr_train"), "mbf", "cosface", "--name", "elastic", "--storage", str(storage),
            "--num-workers", "3", "--min-workers", "1", "--max-steps", str(total), *overrides,

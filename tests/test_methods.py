@@ -57,6 +57,7 @@ def _saved_model(directory: Path, image_size: int) -> Path:
 def test_every_method_preset_trains_on_two_ranks(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
     cfg, data_dir = _equivalence_config(tmp_path_factory.mktemp("methods_cache"), tmp_path)
     cfg["optimizer"]["lr"] = 0.05
+    cfg["run"]["export_onnx"] = False  # 13 ONNX exports would take most of the test's time (tests/test_export.py)
     images, labels = _real_images(data_dir, 32)
     labels = labels % 8  # 8 identities × 4 images: every batch has positive pairs for the pair losses
     steps = 6

@@ -387,7 +387,8 @@ def test_the_fr_train_job_pushes_its_metrics_for_every_rank(
         f"data.cache_dir={tmp_path_factory.mktemp('metrics_cache')}", *SYNTH, "data.synthetic.image_size=32",
         f"run.storage={tmp_path_factory.mktemp('metrics_runs')}", f"run.name={run}", "data.batch_size=16",
         "schedule.max_steps=30", "head.vpl_start_iter=3", "head.sample_rate=0.5", "checkpoint.every_steps=10",
-        "eval.every_steps=0", f"metrics.pushgateway={monitoring_stack.pushgateway_url}", "metrics.push_interval=0.25"])
+        "eval.every_steps=0", f"metrics.pushgateway={monitoring_stack.pushgateway_url}", "metrics.push_interval=0.25",
+        "run.export_onnx=false"])
     cfg.data.path = str(prepare_data(cfg))
     started = _time.time()
     assert run_distributed(_train_pushing, 2, cfg.to_dict(), timeout=600) == [30, 30]

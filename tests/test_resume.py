@@ -111,7 +111,7 @@ def test_ray_survives_a_node_preemption_and_a_sigterm(tmp_path_factory: pytest.T
            "--set", f"data.cache_dir={tmp_path_factory.mktemp('kill_cache')}", *SYNTH_FLAGS,
            "--set", "data.batch_size=16", "--set", "run.log_every=1", "--set", "eval.enabled=false",
            "--set", f"checkpoint.every_steps={interval}", "--set", "checkpoint.preemption_poll_steps=1",
-           "--set", "run.max_failures=3"]
+           "--set", "run.max_failures=3", "--set", "run.export_onnx=false"]
     driver_log = (tmp_path / "driver.log").open("w")
     proc = subprocess.Popen(cmd, env={**env, "RAY_ADDRESS": address}, stdout=driver_log, stderr=subprocess.STDOUT,
                             text=True)
