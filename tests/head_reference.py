@@ -198,13 +198,12 @@ def resume_batch(step: int) -> dict[str, torch.Tensor]:
     return global_batch(500 + step, RESUME["classes"], RESUME["dim"], sum(RESUME_SIZES[world]))
 
 
-def resume_reference() -> tuple[list[float], list[dict[str, Any]]]:
-    """Losses of steps 1..4 and the states after steps 0..4 of the world-size-1 run."""
-    head = resume_head()
-    opt = head.make_optimizer(**RESUME["optimizer"])
+def train_head(head: Any, opt: Any, batch_of: Any, steps: int) -> tuple[list[float], list[dict[str, Any]]]:
+    """Train ``head`` alone for ``steps`` steps on ``batch_of(step)`` (dicts with x, labels): the losses
+    of steps 1..steps and the head's states after steps 0..steps."""
     states, losses = [head.state_dict()], []
-    for step in range(1, 5):
-        batch = resume_batch(step)
+    for step in range(1, steps + 1):
+        batch = batch_of(step)
         loss = head(batch["x"], batch["labels"])
         loss.backward()
         opt.step()
@@ -212,6 +211,12 @@ def resume_reference() -> tuple[list[float], list[dict[str, Any]]]:
         losses.append(float(loss.detach()))
         states.append(head.state_dict())
     return losses, states
+
+
+def resume_reference() -> tuple[list[float], list[dict[str, Any]]]:
+    """Losses of steps 1..4 and the states after steps 0..4 of the world-size-1 run."""
+    head = resume_head()
+    return train_head(head, head.make_optimizer(**RESUME["optimizer"]), resume_batch, 4)
 
 
 def resume_states_for(world: int) -> list[bytes] | None:

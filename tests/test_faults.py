@@ -53,9 +53,10 @@ def test_a_nan_loss_twice_at_one_step_is_fatal(tmp_path: Path) -> None:
     assert not nonfinite_again(tmp_path, 7)  # the first time: a restart from the checkpoint may pass
     assert nonfinite_again(tmp_path, 7)  # the same step after the restart: the data or the settings
     assert not nonfinite_again(tmp_path, 9)
-    record_fatal(tmp_path, ValueError("checkpoint x: incompatible\nmore detail"), rank=1)
-    assert read_fatal(tmp_path) == {"error": "ValueError: checkpoint x: incompatible", "type": "ValueError",
-                                    "rank": 1}
+    # One line, the whole message: a first line alone can be a mere heading ("PartialFC.forward: bad input:").
+    record_fatal(tmp_path, ValueError("checkpoint x: incompatible:\n  field y differs"), rank=1)
+    assert read_fatal(tmp_path) == {"error": "ValueError: checkpoint x: incompatible: field y differs",
+                                    "type": "ValueError", "rank": 1}
     clear_records(tmp_path)
     assert read_fatal(tmp_path) is None and not list(tmp_path.iterdir())
 

@@ -46,6 +46,7 @@ from tests.head_reference import (
     ref_margin,
     reference_grads,
     rel_err,
+    train_head,
     unpack,
 )
 
@@ -144,16 +145,7 @@ def world1_run(rate: float) -> tuple[list[float], list[dict[str, Any]]]:
     opt = head.make_optimizer(**OPT)
     with torch.no_grad():
         head.weight.copy_(_batch(0)["weight"])
-    states, losses = [head.state_dict()], []
-    for step in range(1, STEPS + 1):
-        batch = _batch(step)
-        loss = head(batch["x"], batch["labels"])
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(float(loss.detach()))
-        states.append(head.state_dict())
-    return losses, states
+    return train_head(head, opt, _batch, STEPS)
 
 
 @functools.cache
