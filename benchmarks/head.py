@@ -20,11 +20,13 @@ allocator). Everything runs in one process, configurations one after another, fr
 ``--memory`` (no timing): the head's persistent state in bytes per class, read off the tensors of a
 real ``PartialFC`` + its optimizer at a small class count (weight, SGD momentum rows, VPL memory bank
 and its timestamps; storage float32 / bfloat16, with and without VPL), next to the baseline's
-(weight + momentum + the dense gradient that lives from backward to ``zero_grad``). Then the
+(weight + momentum + the dense gradient that every backward allocates). Then the
 largest class count whose state fits ``--budget-gb`` next to ``--reserve-gb`` of backbone training
-memory: from the persistent bytes alone, and adding one step's transient memory (sampled rows'
-copies, their gradient, logits), measured on CPU as the RSS peak of a step at ``--transient-classes``
-and scaled by the sample rate ``--rate``. GB here = 10^9 bytes. Rows ``fr_train_compact``: bf16
+memory: from the persistent bytes alone, and adding one step's transient memory (softmax, row
+gradient, copies of the sampled rows), measured on CPU as the RSS peak of a step at two class counts
+(``--transient-classes`` and half of it, sample rate ``--transient-rate``) and fitted as a fixed part
+plus a cost per sampled column, which is then scaled by the sample rate ``--rate``:
+``C·(bytes/class + rate·per_sampled) + fixed ≤ budget − reserve``. GB here = 10^9 bytes. Rows ``fr_train_compact``: bf16
 weight with the opt-in compact state (``momentum_dtype`` / ``memory_dtype`` = float8_e4m3fn: fp8 rows
 + a float32 scale per row, int32 VPL timestamps; fr_train/heads/compact.py).
 """
@@ -103,7 +105,6 @@ class BaselinePartialFCV2:
         self.opt = torch.optim.SGD([self.weight], lr=0.1, momentum=0.9, weight_decay=5e-4)
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        self.opt.zero_grad()
         if self.sample_rate < 1.0:
             positive = torch.unique(y)
             perm = torch.randperm(self.num_classes)  # on the CPU, every step
@@ -119,6 +120,7 @@ class BaselinePartialFCV2:
         loss = F.cross_entropy(logits, labels)
         loss.backward()
         self.opt.step()
+        self.opt.zero_grad()  # after the step, as train_v2.py does: the gradient is one step's transient
         return float(loss.detach())
 
 
@@ -132,10 +134,10 @@ class Ours:
         self.opt = self.head.make_optimizer(0.1, momentum=0.9, weight_decay=5e-4)
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        self.opt.zero_grad()
         loss = self.head(x, y)
         loss.backward()
         self.opt.step()
+        self.opt.zero_grad()  # after the step, as the Trainer does: the row gradient is one step's transient
         return float(loss.detach())
 
 
@@ -192,10 +194,8 @@ MEMORY_CONFIGS = tuple((storage, vpl, False) for storage in ("float32", "bfloat1
     ("bfloat16", vpl, True) for vpl in (False, True))
 
 
-def _transient_bytes_per_sampled_class(make: Callable[[], Ours | BaselinePartialFCV2], classes: int, rate: float,
-                                       batch: int, dim: int) -> float:
-    """RSS peak of one training step over the RSS before it (median of 3, after a first step), per
-    sampled class: the step's temporaries (sampled rows and their copies, sparse gradient, logits)."""
+def _step_peak_bytes(make: Callable[[], Ours | BaselinePartialFCV2], classes: int, batch: int, dim: int) -> float:
+    """RSS peak of one training step over the RSS before it (median of 3, after a first step)."""
     model = make()
     gen = torch.Generator().manual_seed(0)
     peaks = []
@@ -209,11 +209,25 @@ def _transient_bytes_per_sampled_class(make: Callable[[], Ours | BaselinePartial
             peaks.append(mem.peak - mem.start)
     del model
     gc.collect()
-    return statistics.median(peaks) / (rate * classes)
+    return statistics.median(peaks)
+
+
+def step_transients(make: Callable[[int], Ours | BaselinePartialFCV2], classes: tuple[int, int], rate: float,
+                    batch: int, dim: int) -> tuple[float, float]:
+    """One step's temporaries as ``fixed + per_sampled × sampled columns``: the RSS peak of a step
+    (over the RSS before it) at two class counts, same ``rate``; the slope is the cost of a sampled
+    column (its softmax, its row gradient, the copies the head makes of it; plus the sampler's
+    per-class draw divided by the rate), the intercept what does not grow with the sample (the
+    chunked head's per-chunk temporaries, the batch's buffers). Returns ``(per_sampled, fixed)``."""
+    small, large = classes
+    peaks = [_step_peak_bytes(functools.partial(make, c), c, batch, dim) for c in (small, large)]
+    per_sampled = (peaks[1] - peaks[0]) / (rate * (large - small))
+    return per_sampled, max(0.0, peaks[0] - per_sampled * rate * small)
 
 
 def memory_report(classes: int = 4096, dim: int = 512, rate: float = 0.1, batch: int = 128,
-                  budget_gb: float = 80.0, reserve_gb: float = 12.0, transient_classes: int = 400_000) -> dict[str, Any]:
+                  budget_gb: float = 80.0, reserve_gb: float = 12.0, transient_classes: int = 800_000,
+                  transient_rate: float = 0.5) -> dict[str, Any]:
     """Bytes per class of each configuration and the largest class count that fits (module docstring)."""
     rows: list[dict[str, Any]] = []
     free = budget_gb * 1e9 - reserve_gb * 1e9
@@ -223,8 +237,10 @@ def memory_report(classes: int = 4096, dim: int = 512, rate: float = 0.1, batch:
                      "compact": compact, "parts_bytes_per_class":
                      {k: v / classes for k, v in parts.items()}, "bytes_per_class": sum(parts.values()) / classes})
     base = BaselinePartialFCV2(classes, dim, rate, CombinedMargin.arcface())
-    base.step(torch.randn(batch, dim), torch.randint(0, classes, (batch,)))  # creates momentum; grad is alive
-    base_parts = {"weight": _nbytes(base.weight), "weight.grad (dense)": _nbytes(base.weight.grad),
+    base.step(torch.randn(batch, dim), torch.randint(0, classes, (batch,)))  # creates the momentum
+    # The dense gradient is allocated by every step's backward (and freed by zero_grad): O(classes),
+    # so it is counted here with the state, and taken out of the baseline's per-sampled-column fit below.
+    base_parts = {"weight": _nbytes(base.weight), "weight.grad (dense)": _nbytes(base.weight),
                   **{f"weight.{k}": _nbytes(t) for k, t in base.opt.state[base.weight].items()}}
     rows.append({"impl": "baseline_pfc_v2", "storage": "float32", "vpl": False, "compact": False, "parts_bytes_per_class":
                  {k: v / classes for k, v in base_parts.items()}, "bytes_per_class": sum(base_parts.values()) / classes})
@@ -232,16 +248,23 @@ def memory_report(classes: int = 4096, dim: int = 512, rate: float = 0.1, batch:
     for row in rows:
         row["max_classes_persistent"] = int(free // row["bytes_per_class"])
         if transient_classes:
-            cls = BaselinePartialFCV2 if row["impl"] == "baseline_pfc_v2" else Ours
-            extra = (row["storage"], row["vpl"], row["compact"]) if cls is Ours else ()
-            make = functools.partial(cls, transient_classes, dim, rate, CombinedMargin.arcface(), *extra)
-            per_sampled = _transient_bytes_per_sampled_class(make, transient_classes, rate, batch, dim)
+            if row["impl"] == "baseline_pfc_v2":
+                def make(c: int) -> BaselinePartialFCV2:
+                    return BaselinePartialFCV2(c, dim, transient_rate, CombinedMargin.arcface())
+            else:
+                def make(c: int, r: dict[str, Any] = row) -> Ours:
+                    return Ours(c, dim, transient_rate, CombinedMargin.arcface(), r["storage"], r["vpl"], r["compact"])
+            per_sampled, fixed = step_transients(make, (transient_classes // 2, transient_classes), transient_rate,
+                                                 batch, dim)
+            if row["impl"] == "baseline_pfc_v2":
+                per_sampled -= row["parts_bytes_per_class"]["weight.grad (dense)"] / transient_rate
             row["transient_bytes_per_sampled_class"] = per_sampled
-            row["max_classes_with_step"] = int(free // (row["bytes_per_class"] + rate * per_sampled))
+            row["transient_fixed_bytes"] = fixed
+            row["max_classes_with_step"] = int((free - fixed) // (row["bytes_per_class"] + rate * per_sampled))
     return {"benchmark": "head_memory", "device": f"cpu ({platform.processor() or platform.machine()})",
             "torch": torch.__version__, "measured_at_classes": classes, "dim": dim, "rate": rate, "batch": batch,
             "budget_gb": budget_gb, "reserve_gb": reserve_gb, "transient_classes": transient_classes,
-            "gb": "10^9 bytes", "rows": rows}
+            "transient_rate": transient_rate, "gb": "10^9 bytes", "rows": rows}
 
 
 def memory_table(report: dict[str, Any]) -> str:
@@ -249,8 +272,9 @@ def memory_table(report: dict[str, Any]) -> str:
     head = ("| head | storage | VPL | weight | momentum | VPL bank | row scales (fp8) | VPL timestamps | dense grad "
             "| bytes/class | max classes (state only) |")
     if transient:
-        head += f" step transient B/sampled class | max classes (state + step at rate {rate:g}) |"
-    lines = [head, "|" + "---|" * (11 + 2 * transient)]
+        head += (f" step transient B/sampled class | step transient fixed MB | max classes (state + step at "
+                 f"rate {rate:g}) |")
+    lines = [head, "|" + "---|" * (11 + 3 * transient)]
     for r in report["rows"]:
         p = r["parts_bytes_per_class"]
         cells = [p.get("weight", 0), p.get("weight.momentum_buffer", 0), p.get("vpl_memory", 0),
@@ -260,7 +284,8 @@ def memory_table(report: dict[str, Any]) -> str:
                 + " | ".join(f"{c:g}" if c else "–" for c in cells)
                 + f" | {r['bytes_per_class']:g} | {r['max_classes_persistent'] / 1e6:.1f}M |")
         if transient:
-            line += f" {r['transient_bytes_per_sampled_class']:,.0f} | {r['max_classes_with_step'] / 1e6:.1f}M |"
+            line += (f" {r['transient_bytes_per_sampled_class']:,.0f} | {r['transient_fixed_bytes'] / 2**20:,.0f} |"
+                     f" {r['max_classes_with_step'] / 1e6:.1f}M |")
         lines.append(line)
     return "\n".join(lines)
 
@@ -284,14 +309,18 @@ def main() -> None:
         "bf16: 7.3 GB of activations saved for backward (counted on the meta device), ~1 GB of weights, "
         "bf16 copies, gradients and momentum, the rest headroom for backward's transients and the allocator. "
         "Replace with the measured peak of benchmarks/train_step.py --device cuda --rows r100-b128 minus its head"))
-    p.add_argument("--transient-classes", type=int, default=400_000,
-                   help="--memory: class count of the step whose RSS peak gives the transients (0: skip)")
+    p.add_argument("--transient-classes", type=int, default=800_000,
+                   help="--memory: the step's transients are fitted from RSS peaks at this class count and half of "
+                        "it (0: skip)")
+    p.add_argument("--transient-rate", type=float, default=0.5,
+                   help="--memory: sample rate of those two steps (high, so that the sample spans several of the "
+                        "head's chunks of 65,536 columns as at 30M classes, while the state fits this machine)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     fixed_malloc_thresholds()
     if args.memory:
         report = memory_report(args.memory_classes, args.dim, args.rate, args.batch, args.budget_gb, args.reserve_gb,
-                               args.transient_classes)
+                               args.transient_classes, args.transient_rate)
         print(memory_table(report))
         print(json.dumps(report))
         return

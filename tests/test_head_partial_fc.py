@@ -2,6 +2,9 @@
 
 One spawn per world size runs every scenario (margins × dtypes, sampling + optimizer, VPL, bad
 input) and returns plain results; the tests below compare them with tests/head_reference.py.
+The margin, sampling and VPL scenarios run twice: with the default ``chunk_rows`` (every column in
+one chunk at these sizes) and with ``chunk_rows=2``, so the chunked build/recompute path of
+heads/prototypes.py (several chunks, VPL-fresh columns in several of them) meets the same reference.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from tests.head_reference import (
 
 WORLDS = [1, 2, 4]
 TOL = {torch.float64: 1e-5, torch.float32: 1e-3}
+CHUNKS = {"one_chunk": None, "chunks_of_2": 2}  # PartialFC(chunk_rows=...): None = the default
 SAMPLING = {"classes": 40, "rate": 0.5, "lr": 0.1, "momentum": 0.9, "wd": 5e-4, "steps": 2}
 VPL_CFG = VPLConfig(lambda_=0.3, delta_t=1, start_iter=1)
 VPL_STEPS = 4
@@ -54,13 +58,17 @@ def _step(head: PartialFC, batch: dict[str, torch.Tensor], rank: int, sizes: lis
     }
 
 
-def _margins(rank: int, world: int) -> dict:
+def _chunk_kw(chunk: str) -> dict[str, int]:
+    return {} if CHUNKS[chunk] is None else {"chunk_rows": CHUNKS[chunk]}
+
+
+def _margins(rank: int, world: int, chunk: str) -> dict:
     out = {}
     sizes = SIZES[world]
     for k, (name, margin) in enumerate(PRESETS.items()):
         for dtype in (torch.float64, torch.float32):
             batch = global_batch(100 + k, 13, 8, sum(sizes))
-            head = PartialFC(13, 8, margin, storage_dtype=dtype)
+            head = PartialFC(13, 8, margin, storage_dtype=dtype, **_chunk_kw(chunk))
             with torch.no_grad():
                 head.weight.copy_(batch["weight"][head.class_start : head.class_end])
                 if head.bias is not None:
@@ -69,9 +77,10 @@ def _margins(rank: int, world: int) -> dict:
     return out
 
 
-def _sampling(rank: int, world: int) -> dict:
+def _sampling(rank: int, world: int, chunk: str) -> dict:
     sizes, c = SIZES[world], SAMPLING["classes"]
-    head = PartialFC(c, 8, CombinedMargin.arcface(), sample_rate=SAMPLING["rate"], storage_dtype=torch.float64, seed=5)
+    head = PartialFC(c, 8, CombinedMargin.arcface(), sample_rate=SAMPLING["rate"], storage_dtype=torch.float64, seed=5,
+                     **_chunk_kw(chunk))
     opt = head.make_optimizer(SAMPLING["lr"], SAMPLING["momentum"], SAMPLING["wd"])
     steps = []
     for step in range(SAMPLING["steps"]):
@@ -86,11 +95,12 @@ def _sampling(rank: int, world: int) -> dict:
     return {"steps": steps, "num_local": head.num_local}
 
 
-def _vpl(rank: int, world: int) -> dict:
+def _vpl(rank: int, world: int, chunk: str) -> dict:
     out = {}
     sizes = SIZES[world]
     for name, (c, rate, dtype) in VPL_CASES.items():
-        head = PartialFC(c, 8, CombinedMargin.arcface(), sample_rate=rate, vpl=VPL_CFG, storage_dtype=dtype, seed=3)
+        head = PartialFC(c, 8, CombinedMargin.arcface(), sample_rate=rate, vpl=VPL_CFG, storage_dtype=dtype, seed=3,
+                         **_chunk_kw(chunk))
         steps = []
         for step in range(VPL_STEPS):
             batch = global_batch(300 + step, c, 8, sum(sizes), label_range=c // 2)  # duplicates in the batch
@@ -171,8 +181,9 @@ def _resume(rank: int, world: int, states: list[bytes]) -> dict:
 def _rank_all(rank: int, world: int, resume_states: list[bytes] | None) -> bytes:
     if world not in WORLDS:  # the extra world size of the reshard chain
         return pack({"resume": _resume(rank, world, resume_states)})
-    return pack({"margins": _margins(rank, world), "sampling": _sampling(rank, world),
-                 "vpl": _vpl(rank, world), "errors": _errors(rank, world), "dp": _data_parallel(rank, world),
+    return pack({"margins": {k: _margins(rank, world, k) for k in CHUNKS},
+                 "sampling": {k: _sampling(rank, world, k) for k in CHUNKS},
+                 "vpl": {k: _vpl(rank, world, k) for k in CHUNKS}, "errors": _errors(rank, world), "dp": _data_parallel(rank, world),
                  "resume": None if resume_states is None else _resume(rank, world, resume_states)})
 
 
@@ -188,16 +199,17 @@ def _cat(ranks: list[dict], key: str) -> torch.Tensor:
     return torch.cat([r[key] for r in ranks])
 
 
+@pytest.mark.parametrize("chunk", list(CHUNKS))
 @pytest.mark.parametrize("world", WORLDS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("preset", list(PRESETS))
-def test_loss_and_gradients_match_full_softmax_reference(world: int, dtype: torch.dtype, preset: str) -> None:
+def test_loss_and_gradients_match_full_softmax_reference(world: int, dtype: torch.dtype, preset: str, chunk: str) -> None:
     """Every margin preset: loss (same on all ranks), d/d embeddings and d/d prototypes equal the
     float64 full-softmax reference, with uneven local batches (an empty rank at world 4)."""
     sizes = SIZES[world]
     k = list(PRESETS).index(preset)
     batch = global_batch(100 + k, 13, 8, sum(sizes))
-    ranks = [r["margins"][(preset, str(dtype))] for r in results(world)]
+    ranks = [r["margins"][chunk][(preset, str(dtype))] for r in results(world)]
     loss, gx, gw, gb = reference_grads(batch["x"], batch["weight"], batch["labels"], ref_margin(PRESETS[preset]),
                                        bias=batch["bias"] if PRESETS[preset].linear else None)
     tol = TOL[dtype]
@@ -219,7 +231,7 @@ def test_sampling_keeps_positives_and_the_stated_count(world: int) -> None:
         labels = global_batch(200 + step, c, 8, sum(sizes))["labels"]
         for rank, r in enumerate(results(world)):
             shard = class_shard(c, world, rank)
-            sampled = r["sampling"]["steps"][step]["sampled"]
+            sampled = r["sampling"]["one_chunk"]["steps"][step]["sampled"]
             owned = {int(y) for y in labels if shard.class_start <= y < shard.class_end}
             assert owned <= set(sampled.tolist())
             want = min(shard.num_local, max(len(owned), math.ceil(SAMPLING["rate"] * shard.num_local)))
@@ -228,15 +240,16 @@ def test_sampling_keeps_positives_and_the_stated_count(world: int) -> None:
             assert sampled.min() >= shard.class_start and sampled.max() < shard.class_end
 
 
+@pytest.mark.parametrize("chunk", list(CHUNKS))
 @pytest.mark.parametrize("world", WORLDS)
-def test_sampled_loss_equals_reference_softmax_over_sampled_columns(world: int) -> None:
+def test_sampled_loss_equals_reference_softmax_over_sampled_columns(world: int, chunk: str) -> None:
     """Loss and gradients equal the reference restricted to the union of sampled columns; the shard
     gradient is a sparse tensor whose rows are the sampled classes."""
     sizes, c = SIZES[world], SAMPLING["classes"]
     ranks = results(world)
     for step in range(SAMPLING["steps"]):
         batch = global_batch(200 + step, c, 8, sum(sizes))
-        per = [r["sampling"]["steps"][step] for r in ranks]
+        per = [r["sampling"][chunk]["steps"][step] for r in ranks]
         columns = torch.cat([p["sampled"] for p in per])
         weight = torch.cat([p["before"] for p in per])
         loss, gx, gw, _ = reference_grads(batch["x"], weight, batch["labels"], ref_margin(CombinedMargin.arcface()),
@@ -245,7 +258,7 @@ def test_sampled_loss_equals_reference_softmax_over_sampled_columns(world: int) 
         assert rel_err(per[0]["loss"], loss) < 1e-5
         assert rel_err(_cat(per, "x_grad"), gx) < 1e-5
         assert rel_err(_cat(per, "w_grad"), gw) < 1e-5
-        assert all(p["w_grad_sparse"] for p in per if p["sampled"].numel() < ranks[0]["sampling"]["num_local"] or world > 1)
+        assert all(p["w_grad_sparse"] for p in per if p["sampled"].numel() < ranks[0]["sampling"][chunk]["num_local"] or world > 1)
 
 
 @pytest.mark.parametrize("world", WORLDS)
@@ -253,7 +266,7 @@ def test_optimizer_step_moves_only_sampled_rows(world: int) -> None:
     """After the second step, unsampled rows and their momentum are exactly as after the first; the
     sampled rows follow SGD (momentum, weight decay) with the reference gradient."""
     sizes, c = SIZES[world], SAMPLING["classes"]
-    first, second = ([r["sampling"]["steps"][s] for r in results(world)] for s in (0, 1))
+    first, second = ([r["sampling"]["chunks_of_2"]["steps"][s] for r in results(world)] for s in (0, 1))
     lr, mom, wd = SAMPLING["lr"], SAMPLING["momentum"], SAMPLING["wd"]
     batch = global_batch(201, c, 8, sum(sizes))
     columns = torch.cat([p["sampled"] for p in second])
@@ -274,7 +287,7 @@ def _vpl_reference(world: int, name: str) -> tuple[list[tuple[float, torch.Tenso
     sizes = SIZES[world]
     init = PartialFC(c, 8, CombinedMargin.arcface(), vpl=VPL_CFG, storage_dtype=dtype, seed=3).vpl_memory
     ref = ReferenceVPL(init, VPL_CFG.lambda_, VPL_CFG.delta_t, VPL_CFG.start_iter)
-    ranks = [r["vpl"][name] for r in results(world)]
+    ranks = [r["vpl"]["one_chunk"][name] for r in results(world)]
     weight = global_batch(300, c, 8, sum(sizes))["weight"]
     out = []
     for step in range(VPL_STEPS):
@@ -285,14 +298,15 @@ def _vpl_reference(world: int, name: str) -> tuple[list[tuple[float, torch.Tenso
     return out, ref
 
 
+@pytest.mark.parametrize("chunk", list(CHUNKS))
 @pytest.mark.parametrize("world", WORLDS)
 @pytest.mark.parametrize("case", list(VPL_CASES))
-def test_vpl_matches_reference_over_several_steps(world: int, case: str) -> None:
+def test_vpl_matches_reference_over_several_steps(world: int, case: str, chunk: str) -> None:
     """VPL loss and gradients equal the reference step by step (injection only after start_iter and
     for classes written within Δt; step t uses the memory of steps < t), also with sampling."""
     dtype = VPL_CASES[case][2]
     reference, _ = _vpl_reference(world, case)
-    ranks = [r["vpl"][case] for r in results(world)]
+    ranks = [r["vpl"][chunk][case] for r in results(world)]
     for step, (loss, gx, gw) in enumerate(reference):
         per = [r["steps"][step] for r in ranks]
         assert all(p["loss"] == per[0]["loss"] for p in per)
@@ -301,15 +315,16 @@ def test_vpl_matches_reference_over_several_steps(world: int, case: str) -> None
         assert rel_err(_cat(per, "w_grad"), gw) < TOL[dtype], f"step {step + 1}"
 
 
+@pytest.mark.parametrize("chunk", list(CHUNKS))
 @pytest.mark.parametrize("world", WORLDS)
 @pytest.mark.parametrize("case", list(VPL_CASES))
-def test_vpl_memory_holds_latest_feature_of_each_class(world: int, case: str) -> None:
+def test_vpl_memory_holds_latest_feature_of_each_class(world: int, case: str, chunk: str) -> None:
     """After the steps the sharded bank equals the reference bank: the normalised feature of the LAST
     sample of each class in global batch order, with the step it was written; untouched classes keep
     their random init and t_j = −1; the bank is a buffer that never takes gradient."""
     dtype = VPL_CASES[case][2]
     _, ref = _vpl_reference(world, case)
-    ranks = [r["vpl"][case] for r in results(world)]
+    ranks = [r["vpl"][chunk][case] for r in results(world)]
     memory, memory_iter = _cat(ranks, "memory"), _cat(ranks, "memory_iter")
     assert torch.equal(memory_iter, ref.memory_iter)
     assert rel_err(memory, ref.memory) < TOL[dtype]
@@ -325,7 +340,7 @@ def test_vpl_last_sample_of_a_class_wins(world: int) -> None:
     labels = batch["labels"].tolist()
     dup = next(y for y in labels if labels.count(y) > 1)
     last = max(i for i, y in enumerate(labels) if y == dup)
-    memory = _cat([r["vpl"]["rate1_f64"] for r in results(world)], "memory")
+    memory = _cat([r["vpl"]["chunks_of_2"]["rate1_f64"] for r in results(world)], "memory")
     assert rel_err(memory[dup], torch.nn.functional.normalize(batch["x"][last], dim=0)) < 1e-12
 
 

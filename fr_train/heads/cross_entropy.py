@@ -7,13 +7,18 @@ the exp-sum and the target logit all-reduced (SUM; the target lives on exactly o
 over the global batch — identical on every rank. They differ in who forms the logits and how the
 gradient is obtained:
 
-``margin_softmax_ce`` (PartialFC and the heads with a plain CombinedMargin) forms ``x·Wᵀ`` and the
+``margin_softmax_ce`` (the heads with a plain CombinedMargin over prototypes they hold: USS, EPL) forms ``x·Wᵀ`` and the
 margin itself, with ONE logit buffer. The ``B × S`` buffer is turned into the softmax in place and
 kept for backward, where ``dL/dz = (softmax − onehot)/B`` is formed in place again: there is never a
 second ``B × S`` copy (autograd through ``exp``/``log_softmax`` would keep several). The margin only
 touches the ``B`` target cosines; its slope is applied to those entries in backward. Backward
 returns this shard's contribution to ``dL/dx`` for ALL gathered rows; the gather's backward sums
 those contributions over ranks (each shard counted once).
+
+The softmax and its gradient are written once (``softmax_ce_in_place`` / ``logit_grad_in_place``);
+PartialFC's own loss (heads/prototypes.py ``PrototypeMarginCE``) uses them over a logit buffer it
+fills chunk by chunk, building the prototypes in forward and again in backward instead of keeping
+them (the memory of a 30M-class head).
 
 ``sharded_softmax_ce`` is for heads whose logits cannot go through ``MarginSoftmaxCE``: UNPG's
 merged pair column, EPL's prototype-memory rows with a detached adaptive margin. It takes
@@ -52,6 +57,54 @@ def logits_matmul(
     return torch.matmul(a.to(out_dtype), b.to(out_dtype))
 
 
+def softmax_ce_in_place(
+    logits: torch.Tensor, target_col: torch.Tensor, margin: CombinedMargin, comm: Comm
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """The loss of ``logits`` [B, S] (cosines, or raw logits when the margin is linear), which become
+    the softmax IN PLACE (the buffer backward needs); returns ``(loss, saved)`` where ``saved`` =
+    (target rows, their columns, the margin's slope on them or None) for :func:`logit_grad_in_place`."""
+    batch, num_cols = logits.shape
+    rows = torch.nonzero(target_col >= 0).squeeze(1)
+    cols = target_col[rows]
+    if margin.linear:
+        slope = None
+    else:
+        # s·(g(cos θ_y) − m3) on the target, s·cos θ elsewhere (margin.py).
+        target_cos, slope = margin.target_cos_and_slope(logits[rows, cols])
+        logits.mul_(margin.s)
+        logits[rows, cols] = margin.s * target_cos
+    target = logits.new_zeros(batch)
+    target[rows] = logits[rows, cols]
+
+    row_max = logits.max(dim=1).values if num_cols > 0 else logits.new_full((batch,), float("-inf"))
+    all_reduce_(comm, row_max, dist.ReduceOp.MAX)
+    logits.sub_(row_max.unsqueeze(1)).exp_()
+    sums = torch.stack([logits.sum(dim=1), target])
+    all_reduce_(comm, sums, dist.ReduceOp.SUM)
+    sum_exp, target = sums[0], sums[1]
+    logits.div_(sum_exp.unsqueeze(1))  # the softmax, in the same buffer
+    loss = (sum_exp.log() + row_max - target).mean()
+    return loss, (rows, cols, slope)
+
+
+def logit_grad_in_place(
+    probs: torch.Tensor, saved: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None], margin: CombinedMargin,
+    grad_loss: torch.Tensor, with_bias: bool,
+) -> torch.Tensor | None:
+    """Turn the softmax ``probs`` into ``dL/d(cosines)`` IN PLACE (``dL/d(logits)`` for a linear margin);
+    return ``dL/d(bias)`` [S] when ``with_bias`` (the logits' gradient, before the margin's scale)."""
+    rows, cols, slope = saved
+    batch = probs.shape[0]
+    probs[rows, cols] -= 1.0
+    probs.mul_(grad_loss.to(probs.dtype) / batch)  # dL/dz = (softmax − onehot)·g/B
+    grad_bias = probs.sum(dim=0) if with_bias else None
+    if not margin.linear:
+        assert slope is not None
+        probs.mul_(margin.s)  # dz/dcos = s off-target
+        probs[rows, cols] *= slope  # and s·g'(cos) on the target
+    return grad_bias
+
+
 class MarginSoftmaxCE(torch.autograd.Function):
     """Loss of the global batch against column shards, one logit buffer; see the module docstring."""
 
@@ -67,32 +120,10 @@ class MarginSoftmaxCE(torch.autograd.Function):
         matmul_dtype: torch.dtype | None,
     ) -> torch.Tensor:
         dtype = torch.float64 if torch.float64 in (x.dtype, w.dtype) else torch.float32
-        batch, num_cols = x.shape[0], w.shape[0]
         logits = logits_matmul(x, w.t(), matmul_dtype, dtype)  # [B, S] cosines (or raw logits if linear)
         if bias is not None:
             logits += bias.to(dtype)
-
-        rows = torch.nonzero(target_col >= 0).squeeze(1)
-        cols = target_col[rows]
-        if margin.linear:
-            slope = None
-        else:
-            # s·(g(cos θ_y) − m3) on the target, s·cos θ elsewhere (margin.py).
-            target_cos, slope = margin.target_cos_and_slope(logits[rows, cols])
-            logits.mul_(margin.s)
-            logits[rows, cols] = margin.s * target_cos
-        target = logits.new_zeros(batch)
-        target[rows] = logits[rows, cols]
-
-        row_max = logits.max(dim=1).values if num_cols > 0 else logits.new_full((batch,), float("-inf"))
-        all_reduce_(comm, row_max, dist.ReduceOp.MAX)
-        logits.sub_(row_max.unsqueeze(1)).exp_()
-        sums = torch.stack([logits.sum(dim=1), target])
-        all_reduce_(comm, sums, dist.ReduceOp.SUM)
-        sum_exp, target = sums[0], sums[1]
-        logits.div_(sum_exp.unsqueeze(1))  # the softmax, in the same buffer
-        loss = (sum_exp.log() + row_max - target).mean()
-
+        loss, (rows, cols, slope) = softmax_ce_in_place(logits, target_col, margin, comm)
         ctx.save_for_backward(x, w, rows, cols, *(() if slope is None else (slope,)))
         ctx.probs = logits
         ctx.margin, ctx.has_bias, ctx.matmul_dtype = margin, bias is not None, matmul_dtype
@@ -104,14 +135,8 @@ class MarginSoftmaxCE(torch.autograd.Function):
         x, w, rows, cols, *maybe_slope = ctx.saved_tensors
         grad = ctx.probs  # consumed in place: the graph cannot be back-propagated twice
         ctx.probs = None
-        batch = grad.shape[0]
-        grad[rows, cols] -= 1.0
-        grad.mul_(grad_loss.to(grad.dtype) / batch)  # dL/dz = (softmax − onehot)·g/B
-        grad_bias = grad.sum(dim=0) if ctx.has_bias else None
-        margin: CombinedMargin = ctx.margin
-        if not margin.linear:
-            grad.mul_(margin.s)  # dz/dcos = s off-target
-            grad[rows, cols] *= maybe_slope[0]  # and s·g'(cos) on the target
+        grad_bias = logit_grad_in_place(grad, (rows, cols, maybe_slope[0] if maybe_slope else None), ctx.margin,
+                                        grad_loss, ctx.has_bias)
         grad_x = logits_matmul(grad, w, ctx.matmul_dtype, grad.dtype).to(x.dtype) if ctx.needs_input_grad[0] else None
         grad_w = logits_matmul(grad.t(), x, ctx.matmul_dtype, grad.dtype).to(w.dtype) if ctx.needs_input_grad[1] else None
         if grad_bias is not None:

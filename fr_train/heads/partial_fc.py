@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Literal
 
 import torch
@@ -42,35 +43,16 @@ from fr_train.heads.compact import (
     dequantize_rows,
     quantize_rows,
 )
-from fr_train.heads.cross_entropy import margin_softmax_ce
 from fr_train.heads.margin import CombinedMargin
 from fr_train.heads.optim import RowSparseAdamW, RowSparseSGD
+from fr_train.heads.prototypes import CHUNK_ROWS, SampledPrototypes, prototype_margin_ce
 from fr_train.heads.sampling import ClassSampler, sampler_seed
-from fr_train.heads.vpl import NEVER_WRITTEN, VPLConfig, fresh_rows, inject, write_latest
+from fr_train.heads.vpl import NEVER_WRITTEN, VPLConfig, fresh_rows, write_latest
 from fr_train.parallel.collectives import exchange_meta, gather_rows, gather_rows_nograd
 from fr_train.parallel.sharding import SPLIT_RULE, class_shard, host_copy, resolve_group
 
 STATE_FORMAT = "fr_train.heads.PartialFC/1"
 _INIT_BLOCK = 4096  # classes per init block: the initial weights do not depend on the world size
-
-
-class _IndexRows(torch.autograd.Function):
-    """``param[idx]`` whose gradient is a sparse COO tensor with rows ``idx`` (sorted, unique), so a
-    large shard never gets a dense gradient."""
-
-    @staticmethod
-    def forward(ctx, param: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        ctx.save_for_backward(idx)
-        ctx.shape = param.shape
-        return param.index_select(0, idx)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
-        (idx,) = ctx.saved_tensors
-        sparse = torch.sparse_coo_tensor(
-            idx.unsqueeze(0), grad, ctx.shape, is_coalesced=True, check_invariants=False
-        )
-        return sparse, None
 
 
 def _block_init(
@@ -96,22 +78,34 @@ def _block_init(
 @dataclass(frozen=True)
 class SampledStep:
     """One step's shared tensors: ``x`` [B, D] global batch (normalised unless the margin is linear;
-    gradient reduce-scattered to the owners), ``labels`` [B]; ``w`` [S, D] this shard's sampled
-    prototypes (gradient to ``weight`` rows) and ``bias`` [S] (softmax preset only);
-    ``target_col`` [B]: column of each row's class in ``w``, −1 where another rank owns it;
-    ``sizes``: local batch sizes; ``start``: this rank's first row in ``x``; ``owned``/
-    ``local_labels``: the rows whose class this rank owns and those classes' local indices."""
+    gradient reduce-scattered to the owners), ``labels`` [B]; ``prototypes``: this shard's sampled
+    columns (prototypes.py), whose ``w`` [S, D] (gradient to ``weight`` rows) and ``bias`` [S]
+    (softmax preset only) are built through autograd on first use; ``target_col`` [B]: column of each
+    row's class, −1 where another rank owns it; ``sizes``: local batch sizes; ``start``: this rank's
+    first row in ``x``; ``owned``/``local_labels``: the rows whose class this rank owns and those
+    classes' local indices."""
 
     x: torch.Tensor
     labels: torch.Tensor
-    w: torch.Tensor
-    bias: torch.Tensor | None
+    prototypes: SampledPrototypes
     target_col: torch.Tensor
     sizes: list[int]
     start: int
     owned: torch.Tensor
     local_labels: torch.Tensor
     iteration: int
+
+    @cached_property
+    def _built(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.prototypes.full()
+
+    @property
+    def w(self) -> torch.Tensor:
+        return self._built[0]
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self._built[1]
 
 
 class PartialFC(nn.Module):
@@ -141,6 +135,7 @@ class PartialFC(nn.Module):
         init_std: float = 0.01,
         momentum_dtype: torch.dtype | None = None,
         memory_dtype: torch.dtype | None = None,
+        chunk_rows: int = CHUNK_ROWS,
     ) -> None:
         super().__init__()
         if embedding_size < 1:
@@ -152,6 +147,8 @@ class PartialFC(nn.Module):
                              "margin (ArcFace/CosFace/SphereFace/combined), not CombinedMargin.softmax()")
         if storage_dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
             raise ValueError(f"storage_dtype must be a floating dtype, got {storage_dtype}")
+        if chunk_rows < 1:
+            raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
         check_compact_dtype("momentum_dtype", momentum_dtype)
         check_compact_dtype("memory_dtype", memory_dtype)
         if memory_dtype is not None and vpl is None:
@@ -161,7 +158,7 @@ class PartialFC(nn.Module):
         self.num_classes, self.embedding_size = num_classes, embedding_size
         self.class_start, self.num_local = shard.class_start, shard.num_local
         self.margin, self.sample_rate, self.vpl, self.seed = margin, sample_rate, vpl, seed
-        self.matmul_dtype = matmul_dtype
+        self.matmul_dtype, self.chunk_rows = matmul_dtype, chunk_rows
         self.momentum_dtype, self.memory_dtype = momentum_dtype, memory_dtype
         dev = torch.device(device) if device is not None else torch.device("cpu")
 
@@ -213,6 +210,23 @@ class PartialFC(nn.Module):
             return memory
         scale = self.vpl_memory_scale if idx is None else self.vpl_memory_scale.index_select(0, idx)
         return dequantize_rows(memory, scale, dtype)
+
+    def _prototypes(self, idx: torch.Tensor | None, compute_dtype: torch.dtype, step: int) -> SampledPrototypes:
+        """This step's columns (prototypes.py). With VPL, what rebuilding them in backward needs from
+        the bank is read NOW, before forward writes this step's features into it: the sampled rows'
+        timestamps and the memory rows of the columns that inject it."""
+        protos = SampledPrototypes(self.weight, self.bias, idx, not self.margin.linear, compute_dtype, step,
+                                   chunk_rows=self.chunk_rows)
+        if self.vpl is None:
+            return protos
+        memory_iter = self.vpl_memory_iter.clone() if idx is None else self.vpl_memory_iter.index_select(0, idx)
+        protos.vpl, protos.memory_iter = self.vpl, memory_iter
+        if step > self.vpl.start_iter and self.vpl.lambda_ != 0.0:
+            fresh_cols = torch.nonzero(fresh_rows(self.vpl, memory_iter, step)).squeeze(1)
+            protos.fresh_cols = fresh_cols
+            protos.fresh_memory = self._memory_rows(fresh_cols if idx is None else idx[fresh_cols],
+                                                    compute_dtype).detach().to(compute_dtype)
+        return protos
 
     # Forward -------------------------------------------------------------------------------------
     def _check_and_sizes(self, embeddings: torch.Tensor, labels: torch.Tensor) -> list[int]:
@@ -281,35 +295,24 @@ class PartialFC(nn.Module):
         local_labels = y[owned] - self.class_start
         idx = self.sampler.sample(torch.unique(local_labels), step) if self.training else None
 
-        if idx is None:
-            w = self.weight.to(compute_dtype)
-            bias = None if self.bias is None else self.bias.to(compute_dtype)
-            cols = local_labels
-        else:
-            w = _IndexRows.apply(self.weight, idx).to(compute_dtype)
-            bias = None if self.bias is None else _IndexRows.apply(self.bias, idx).to(compute_dtype)
-            cols = torch.searchsorted(idx, local_labels)
-        if not self.margin.linear:
-            w = F.normalize(w, dim=1)
+        cols = local_labels if idx is None else torch.searchsorted(idx, local_labels)
+        prototypes = self._prototypes(idx, compute_dtype, step)
         if self.vpl is not None:
-            memory = self._memory_rows(idx, compute_dtype)
-            memory_iter = self.vpl_memory_iter if idx is None else self.vpl_memory_iter.index_select(0, idx)
-            w = inject(self.vpl, w, memory.detach(), memory_iter, step)
             # Fraction of this rank's prototypes in the step that were variational (a 0-d tensor:
             # reading it is the caller's choice, so the step itself never waits on the device).
-            self.last_vpl_injected = fresh_rows(self.vpl, memory_iter, step).float().mean()
+            self.last_vpl_injected = prototypes.injected_fraction()
 
         target_col = torch.full_like(y, -1)
         target_col[owned] = cols
         sampled = torch.arange(self.num_local, device=y.device) if idx is None else idx
         self.last_sampled_classes = sampled + self.class_start
-        return SampledStep(x=x, labels=y, w=w, bias=bias, target_col=target_col, sizes=sizes,
+        return SampledStep(x=x, labels=y, prototypes=prototypes, target_col=target_col, sizes=sizes,
                            start=sum(sizes[: self.comm.rank]), owned=owned, local_labels=local_labels,
                            iteration=step)
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         s = self.prepare(embeddings, labels)
-        loss = margin_softmax_ce(s.x, s.w, s.bias, s.target_col, self.margin, self.comm, self.matmul_dtype)
+        loss = prototype_margin_ce(s.x, s.prototypes, s.target_col, self.margin, self.comm, self.matmul_dtype)
         if self.training and self.vpl is not None:
             write_latest(self.vpl_memory, self.vpl_memory_iter, s.local_labels, s.x[s.owned].detach(), s.iteration,
                          scale=self.vpl_memory_scale if self.compact_memory else None)
