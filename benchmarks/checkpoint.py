@@ -2,14 +2,20 @@
 
 For each class count: a real ``PartialFC`` (512-d rows and SGD momentum rows: ≈ 4 KiB per class in
 fp32, half that with ``--storage-dtype bfloat16``) and a real iresnet backbone with its torch SGD
-state, on ``--device`` (on CUDA the stall is the device→host copy). Per configuration, in one process:
+state, on ``--device`` (on CUDA the stall is the device→host copy). They are saved the Trainer's
+way: ``CheckpointManager.save_states`` over the components (the head hands over its live rows; the
+manager copies every tensor into its host staging buffers, pinned on CUDA). Per configuration, in
+one process:
 
-- async: ``stall`` = ``head.state_dict()`` + ``save_async`` (what the training loop waits for), then
-  ``total`` until the background write is committed (``wait``); meanwhile the loop keeps running
-  head steps (sample rate 0.1, batch 128), whose mean time is compared with idle steps: the write
-  shares the host's cores and memory bandwidth with training. ``lost`` = stall + that slowdown:
-  the training time the async save costs, to compare with ``sync`` (all of which is lost).
-- sync (baseline): ``state_dict()`` + ``save`` (the loop waits for everything).
+- async, first save: ``stall`` = ``save_states`` (what the training loop waits for: the staging
+  buffers are allocated, then filled), then ``total`` until the background write is committed
+  (``wait``); meanwhile the loop keeps running head steps (sample rate 0.1, batch 128), whose mean
+  time is compared with idle steps: the write shares the host's cores and memory bandwidth with
+  training. ``lost`` = stall + that slowdown: the training time the async save costs, to compare
+  with ``sync`` (all of which is lost).
+- async, steady state: the next save, the same way, into the buffers of the first (``stall 2nd``,
+  ``lost 2nd``): what every later checkpoint of a run costs.
+- sync (baseline): ``save_states(sync=True)`` (the loop waits for everything).
 - load: ``find_latest`` (sha256 of every file) + ``payload_for`` + ``head.load_state_dict``.
 
     python benchmarks/checkpoint.py                         # 100k, 250k, 500k, 1M classes
@@ -35,8 +41,11 @@ import torch
 
 from fr_train.backbones import build_backbone
 from fr_train.checkpointing import CheckpointManager, find_latest
+from fr_train.checkpointing.rng import ProcessRng
+from fr_train.checkpointing.stateful import CheckpointStates, State
 from fr_train.config import TrainConfig
 from fr_train.heads import CombinedMargin, PartialFC
+from fr_train.train.state import TrainState
 
 
 def _sync(device: torch.device) -> None:
@@ -58,9 +67,25 @@ def _head_step(head: PartialFC, batch: int, gen: torch.Generator) -> float:
     return time.perf_counter() - t0
 
 
-def _payload(step: int, head: PartialFC) -> dict[str, Any]:
-    return {"train": {"step": step, "epoch": 0, "samples_seen": step * 128}, "head": head.state_dict(),
-            "data": None, "rng": None}
+def _async_save(mgr: CheckpointManager, train: TrainState, meta: dict[str, Any], head: PartialFC,
+                gen: torch.Generator, idle: float) -> dict[str, Any]:
+    """One asynchronous save while the loop keeps stepping: stall, total, lost, steps during the write."""
+    train.step += 1
+    t0 = time.perf_counter()
+    mgr.save_states(train.step, meta)
+    stall = time.perf_counter() - t0
+    during: list[float] = []
+    assert mgr._pending is not None
+    thread: threading.Thread = mgr._pending.thread
+    while thread.is_alive():
+        during.append(_head_step(head, 128, gen))
+    mgr.wait()
+    total = time.perf_counter() - t0
+    assert mgr.last_timing is not None
+    return {"stall": stall, "total": total, "during": during, "timing": mgr.last_timing,
+            # Training time the async save costs: the stall plus the slowdown of the steps that overlapped
+            # the write (compare with sync_total_s, which the loop loses entirely).
+            "lost": stall + max(0.0, sum(during) - len(during) * idle)}
 
 
 def run(classes: int, backbone_name: str, root: Path, cfg: dict[str, Any], idle_steps: int,
@@ -80,52 +105,56 @@ def run(classes: int, backbone_name: str, root: Path, cfg: dict[str, Any], idle_
     _head_step(head, 128, gen)  # warm-up, and momentum rows exist
     idle = [_head_step(head, 128, gen) for _ in range(idle_steps)]
     meta = {"epoch": 0, "samples_seen": 0, "num_classes": classes, "config": cfg}
-    shared = {"backbone": backbone.state_dict(), "optimizer": opt.state_dict()}
-    mgr = CheckpointManager(root, keep=1, rank=0, world=1)
+    train = TrainState()
+    states = CheckpointStates((State("train", train), State("head", head), State("rng", ProcessRng()),
+                               State("backbone", backbone, shared=True), State("optimizer", opt, shared=True)))
+    # As the Trainer builds it: pinned staging buffers when the state lives on a GPU.
+    mgr = CheckpointManager(root, keep=1, rank=0, world=1, states=states, pin_memory=device.type == "cuda")
+    idle_mean = sum(idle) / len(idle)
 
-    # Async: the loop stalls for the host copy only (head.state_dict() clones: private_payload).
-    t0 = time.perf_counter()
-    mgr.save_async(1, _payload(1, head), shared, meta, private_payload=True)
-    stall = time.perf_counter() - t0
-    during: list[float] = []
-    assert mgr._pending is not None
-    thread: threading.Thread = mgr._pending.thread
-    while thread.is_alive():
-        during.append(_head_step(head, 128, gen))
-    mgr.wait()
-    total = time.perf_counter() - t0
-    assert mgr.last_timing is not None
-    size = mgr.last_timing.bytes_written
+    # Async: the loop stalls for the host copy only; the first save allocates the staging buffers,
+    # the second reuses them (each save replaces the previous one: keep=1).
+    first = _async_save(mgr, train, meta, head, gen, idle_mean)
+    size = first["timing"].bytes_written
+    gc.collect()
+    steady = _async_save(mgr, train, meta, head, gen, idle_mean)
     gc.collect()
 
-    # Sync baseline: the same save, waited for (the next save's step=2 replaces step 1: keep=1).
+    # Sync baseline: the same save, waited for.
+    train.step += 1
     t0 = time.perf_counter()
-    mgr.save(2, _payload(2, head), shared, meta, private_payload=True)
+    mgr.save_states(train.step, meta, sync=True)
     sync_total = time.perf_counter() - t0
+    staging_bytes = mgr.staging.nbytes
     gc.collect()
     peak_device_gb = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
     t0 = time.perf_counter()
     ckpt = find_latest(root)
     verify = time.perf_counter() - t0
-    assert ckpt is not None and ckpt.step == 2
+    assert ckpt is not None and ckpt.step == train.step
     state = ckpt.payload_for(0, 1)
     head.load_state_dict(state["head"])
     loaded_shared = ckpt.shared()
     assert loaded_shared is not None
     backbone.load_state_dict(loaded_shared["backbone"])
     load_total = time.perf_counter() - t0
-    del state, loaded_shared, ckpt, head, backbone, opt, shared
+    mgr.close()  # releases the staging buffers
+    del state, loaded_shared, ckpt, head, backbone, opt, states
     gc.collect()
+    during = first["during"]
     return {
         "classes": classes, "device": str(device), "storage_dtype": str(storage_dtype).removeprefix("torch."),
-        "peak_device_gib": peak_device_gb, "bytes": size, "async_stall_s": stall, "async_total_s": total,
-        "sync_total_s": sync_total, "write_mb_s": size / 2**20 / mgr.last_timing.write,
-        "step_idle_s": sum(idle) / len(idle), "step_during_write_s": sum(during) / max(len(during), 1),
+        "peak_device_gib": peak_device_gb, "bytes": size,
+        # First save: the staging buffers are allocated (pinned on CUDA) and filled.
+        "async_stall_s": first["stall"], "async_total_s": first["total"], "async_lost_s": first["lost"],
+        "first_staged_bytes": first["timing"].staged_bytes,
+        # Steady state: the next save reuses them (steady_staged_bytes 0: nothing allocated).
+        "steady_stall_s": steady["stall"], "steady_total_s": steady["total"], "steady_lost_s": steady["lost"],
+        "steady_staged_bytes": steady["timing"].staged_bytes, "staging_bytes": staging_bytes,
+        "sync_total_s": sync_total, "write_mb_s": size / 2**20 / first["timing"].write,
+        "step_idle_s": idle_mean, "step_during_write_s": sum(during) / max(len(during), 1),
         "steps_during_write": len(during), "verify_s": verify, "load_total_s": load_total,
-        # Training time the async save costs: the stall plus the slowdown of the steps that overlapped
-        # the write (compare with sync_total_s, which the loop loses entirely).
-        "async_lost_s": stall + max(0.0, sum(during) - len(during) * sum(idle) / len(idle)),
     }
 
 
@@ -143,8 +172,8 @@ def main() -> None:
     cfg = TrainConfig().to_dict()
     base = Path(args.root or tempfile.mkdtemp(prefix="fr_ckpt_bench_"))
     results = []
-    print(f"{'classes':>9} {'GiB':>6} {'stall s':>8} {'lost s':>7} {'async s':>8} {'sync s':>8} {'MB/s':>6} "
-          f"{'step idle':>9} {'step busy':>9} {'verify s':>8} {'load s':>7}")
+    print(f"{'classes':>9} {'GiB':>6} {'stall s':>8} {'lost s':>7} {'async s':>8} {'stall 2nd':>9} {'lost 2nd':>8} "
+          f"{'sync s':>8} {'MB/s':>6} {'step idle':>9} {'step busy':>9} {'verify s':>8} {'load s':>7}")
     try:
         for classes in args.classes:
             root = base / f"c{classes}"
@@ -153,7 +182,7 @@ def main() -> None:
             shutil.rmtree(root, ignore_errors=True)
             results.append(r)
             print(f"{r['classes']:>9} {r['bytes'] / 2**30:>6.2f} {r['async_stall_s']:>8.2f} {r['async_lost_s']:>7.2f} "
-                  f"{r['async_total_s']:>8.2f} "
+                  f"{r['async_total_s']:>8.2f} {r['steady_stall_s']:>9.2f} {r['steady_lost_s']:>8.2f} "
                   f"{r['sync_total_s']:>8.2f} {r['write_mb_s']:>6.0f} {r['step_idle_s']:>9.3f} "
                   f"{r['step_during_write_s']:>9.3f} {r['verify_s']:>8.2f} {r['load_total_s']:>7.2f}", flush=True)
     finally:

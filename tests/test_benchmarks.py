@@ -66,3 +66,22 @@ def test_head_memory_bytes_per_class_are_the_head_tensors_sizes() -> None:
     assert rows[("fr_train", "float32", False)]["bytes_per_class"] == 512
     assert rows[("fr_train", "bfloat16", True)]["bytes_per_class"] == 3 * 128 + 8
     assert rows[("baseline_pfc_v2", "float32", False)]["bytes_per_class"] == 3 * 256  # weight, momentum, dense grad
+
+
+def test_checkpoint_benchmark_reports_the_first_and_the_steady_state_stall(tmp_path: Path) -> None:
+    """benchmarks/checkpoint.py at its smallest: the first save allocates the host staging buffers, the
+    next one reuses them (nothing allocated), and the table RESULTS.md records has both stalls."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "checkpoint.py"), "--classes", "1000", "--backbone", "mbf",
+         "--idle-steps", "1", "--root", str(tmp_path)],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    header, row, report = proc.stdout.strip().splitlines()[-3:]
+    assert "stall s" in header and "stall 2nd" in header and "sync s" in header
+    (r,) = json.loads(report)["results"]
+    assert r["classes"] == 1000 and r["bytes"] > 1000 * 512 * 4 * 2  # head rows + momentum, at least
+    assert r["first_staged_bytes"] == r["staging_bytes"] > 0 and r["steady_staged_bytes"] == 0
+    for key in ("async_stall_s", "steady_stall_s", "async_lost_s", "steady_lost_s", "sync_total_s", "load_total_s"):
+        assert r[key] > 0, key
+    assert row.split()[0] == "1000"

@@ -9,7 +9,10 @@ import pytest
 import torch
 
 from fr_train.checkpointing import CheckpointManager, find_latest
+from fr_train.checkpointing.staging import HostStaging
+from fr_train.checkpointing.stateful import CheckpointStates, State
 from fr_train.heads import CombinedMargin, PartialFC, VPLConfig
+from fr_train.train.state import TrainState
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -65,3 +68,59 @@ def test_gpu_head_checkpoint_round_trips_through_host_memory(tmp_path: Path, sto
     assert restored.weight.device.type == "cuda"
     assert torch.equal(restored.weight.cpu(), rows["weight"])
     assert _train(restored, 4, seed=1) == expected  # the same steps from the restored state, bitwise
+
+
+def test_device_to_host_copies_are_queued_into_pinned_buffers_and_synchronised_once() -> None:
+    """The non_blocking path: with the stream busy, the copy is only queued when ``copy`` returns
+    (the host did not wait for it), and the end of the staging pass waits for it."""
+    src = torch.randn(1 << 24, device="cuda")  # 64 MiB
+    expected = src.cpu()
+    staging = HostStaging(pin_memory=True)
+    stream = torch.cuda.current_stream()
+    with staging.copying():
+        torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time queued ahead of the copy
+        buf = staging.copy("x", src)
+        assert buf.device.type == "cpu" and buf.is_pinned()
+        assert not stream.query()  # still queued: no blocking copy per tensor
+    assert stream.query()  # one synchronisation at the end of the pass
+    assert torch.equal(buf, expected)
+    staging.release()
+    assert staging.nbytes == 0
+
+
+def test_gpu_state_is_staged_in_pinned_buffers_reused_from_save_to_save(tmp_path: Path) -> None:
+    head = _head(torch.float32)
+    _train(head, 2, seed=0)
+    train = TrainState(step=2)
+    backbone = torch.nn.Linear(512, 512, device="cuda")
+    states = CheckpointStates((State("train", train), State("head", head), State("backbone", backbone, shared=True)))
+    mgr = CheckpointManager(tmp_path, keep=2, rank=0, world=1, states=states, pin_memory=True)
+    meta = {"epoch": 0, "samples_seen": 0, "num_classes": 200_000, "config": {}}
+    weight_path = "rank 0 payload['payload']['head']['rows']['weight']"
+    before = head.weight.detach().cpu()
+
+    mgr.save_states(2, meta)
+    buf = mgr.staging.buffer(weight_path)
+    assert buf is not None and buf.device.type == "cpu" and buf.is_pinned()
+    assert torch.equal(buf, before)  # complete when save_async returns: the writer never sees a partial copy
+    sampler = mgr.staging.buffer("rank 0 payload['payload']['head']['sampler_rng']")
+    assert sampler is not None and not sampler.is_pinned()  # a CPU source: a plain buffer
+    with torch.no_grad():
+        head.weight.add_(1.0)  # training goes on while the write runs
+    mgr.wait()
+    ckpt = find_latest(tmp_path)
+    assert ckpt is not None and torch.equal(ckpt.payload_for(0, 1)["head"]["rows"]["weight"], before)
+
+    ptr = buf.data_ptr()
+    _train(head, 1, seed=1)
+    train.step = 3
+    mgr.save_states(3, meta)
+    mgr.wait()
+    again = mgr.staging.buffer(weight_path)
+    assert again is not None and again.data_ptr() == ptr
+    assert mgr.last_timing is not None and mgr.last_timing.staged_bytes == 0
+    ckpt = find_latest(tmp_path)
+    assert ckpt is not None and ckpt.step == 3
+    assert torch.equal(ckpt.payload_for(0, 1)["head"]["rows"]["weight"], head.weight.detach().cpu())
+    mgr.close()
+    assert mgr.staging.nbytes == 0

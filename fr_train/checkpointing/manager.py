@@ -62,6 +62,7 @@ from fr_train.checkpointing.resume import (
     code_version,
 )
 from fr_train.checkpointing.snapshot import snapshot
+from fr_train.checkpointing.staging import HostStaging
 from fr_train.checkpointing.stateful import CheckpointStates
 
 log = logging.getLogger("fr_train.checkpoint")
@@ -69,12 +70,14 @@ log = logging.getLogger("fr_train.checkpoint")
 
 @dataclass
 class SaveTiming:
-    """Seconds of one save: ``stall`` is what the caller waited (host copy), ``write`` the background part."""
+    """Seconds of one save: ``stall`` is what the caller waited (host copy), ``write`` the background part;
+    ``staged_bytes``: host staging memory this save had to allocate (0 once the buffers are reused)."""
 
     step: int
     stall: float = 0.0
     write: float = 0.0
     bytes_written: int = 0
+    staged_bytes: int = 0
 
 
 @dataclass
@@ -90,10 +93,17 @@ class CheckpointManager:
     ``save_async`` copies the state to host memory (the only stall), then writes in a background
     thread; a second ``save_async``, ``wait`` and ``close`` wait for the previous write and re-raise its
     error. Rank 0 commits (manifest + rename) and prunes to the newest ``keep``.
+
+    The host copies go into staging buffers the manager owns (staging.py), reused from one save to
+    the next: they stay allocated between saves (the size of one checkpoint of this rank in host
+    memory) until ``close()``. ``pin_memory=True`` (the caller's choice: the trainer sets it when it
+    trains on CUDA) page-locks the buffers of device tensors, so their copies run at PCIe speed
+    without blocking per tensor; leave it False on the CPU, where there is nothing to pin for.
     """
 
     def __init__(self, root: str | Path, keep: int, rank: int, world: int, *, session: str | None = None,
-                 commit_timeout_s: float = 1800.0, poll_s: float = 0.05, states: CheckpointStates | None = None) -> None:
+                 commit_timeout_s: float = 1800.0, poll_s: float = 0.05, states: CheckpointStates | None = None,
+                 pin_memory: bool = False) -> None:
         if keep < 1:
             raise ValueError(f"checkpoint.keep must be >= 1, got {keep}")
         if world < 1 or not 0 <= rank < world:
@@ -108,6 +118,7 @@ class CheckpointManager:
         self.root, self.keep, self.rank, self.world, self.session = Path(root), keep, rank, world, session
         self.commit_timeout_s, self.poll_s = commit_timeout_s, poll_s
         self.states = states  # what save_states/restore_states save and restore (stateful.py)
+        self.staging = HostStaging(pin_memory=pin_memory)  # reused by every save once the previous write is done
         self.code_version = code_version() if rank == 0 else ""
         self._pending: _Pending | None = None
         self._last_step: int | None = None
@@ -125,7 +136,11 @@ class CheckpointManager:
 
         ``private_payload=True``: every CPU tensor of ``payload`` is already a private copy that nobody
         mutates (``PartialFC.state_dict()`` clones its rows), so it is not copied a second time. The
-        shared payload is always copied (``module.state_dict()`` returns the live parameters)."""
+        shared payload is always copied (``module.state_dict()`` returns the live parameters).
+
+        Every other tensor is copied into this manager's staging buffer for its key path (reused
+        from the previous save, whose write this call first waits for); device tensors are all
+        copied before one synchronisation per device, so the writer never sees a partial copy."""
         self.wait()
         if self._last_step is not None and step <= self._last_step:
             # Re-saving a step would reuse its temporary directory while rank 0 may still be
@@ -145,12 +160,15 @@ class CheckpointManager:
             json.dumps(full_meta)  # not JSON-able: fail now, in the caller's thread
         elif shared is not None or meta is not None:
             raise ValueError(f"rank {self.rank}: only rank 0 writes the shared payload and meta")
-        rank_blob = snapshot({"format": RANK_FORMAT, "rank": self.rank, "world_size": self.world, "step": step,
-                              "payload": payload}, clone_cpu_tensors=not private_payload,
-                             path=f"rank {self.rank} payload")
-        shared_blob = None if shared is None else snapshot(
-            {"format": SHARED_FORMAT, "step": step, "payload": shared}, path="shared payload")
-        timing = SaveTiming(step, stall=time.perf_counter() - t0)
+        # The previous write is over (wait above): its staging buffers are free to be overwritten.
+        with self.staging.copying():  # its exit waits for the device→host copies
+            rank_blob = snapshot({"format": RANK_FORMAT, "rank": self.rank, "world_size": self.world, "step": step,
+                                  "payload": payload}, clone_cpu_tensors=not private_payload,
+                                 path=f"rank {self.rank} payload", staging=self.staging)
+            shared_blob = None if shared is None else snapshot(
+                {"format": SHARED_FORMAT, "step": step, "payload": shared}, path="shared payload",
+                staging=self.staging)
+        timing = SaveTiming(step, stall=time.perf_counter() - t0, staged_bytes=self.staging.allocated_bytes)
         pending = _Pending(threading.Thread(), timing)
         pending.thread = threading.Thread(target=self._write, args=(step, [rank_blob, shared_blob], full_meta, pending),
                                           name=f"checkpoint-step-{step}", daemon=False)
@@ -159,13 +177,14 @@ class CheckpointManager:
 
     def save_states(self, step: int, meta: dict[str, Any] | None, *, sync: bool = False) -> None:
         """Checkpoint ``step`` from the components handed in as ``states`` (each saves itself);
-        ``meta``: rank 0's run facts (see save_async), None on the other ranks. Every per-rank
-        state is a private copy (the components' state_dicts clone), so it is not copied twice."""
+        ``meta``: rank 0's run facts (see save_async), None on the other ranks. The components hand
+        over their live tensors (``collect(copy=False)``: the heads skip their own host copies), so
+        the staging buffers are the only copy a save makes."""
         if self.states is None:
             raise ValueError("CheckpointManager.save_states: no states were handed to this manager")
-        payload, shared = self.states.collect(self.rank)
+        payload, shared = self.states.collect(self.rank, copy=False)
         save = self.save if sync else self.save_async
-        save(step, payload, shared, meta if self.rank == 0 else None, private_payload=True)
+        save(step, payload, shared, meta if self.rank == 0 else None)
 
     def restore_states(self, ckpt: LoadedCheckpoint) -> list[str]:
         """Restore the components from ``ckpt`` (re-split for this world size when it differs);
@@ -195,11 +214,17 @@ class CheckpointManager:
                                f"{self.rank}: {pending.error[0]}") from pending.error[0]
 
     def close(self) -> None:
-        self.wait()
+        """Wait for the last write, then release the staging buffers (a later save allocates them again)."""
+        try:
+            self.wait()
+        finally:
+            self.staging.release()
 
     def _write(self, step: int, blobs: list[Any], meta: dict[str, Any] | None, pending: _Pending) -> None:
-        """``blobs`` = [rank payload, shared payload], popped as written so their host memory is freed
-        while rank 0 still waits for the other ranks (a Thread keeps its args alive until it ends)."""
+        """``blobs`` = [rank payload, shared payload], popped as written so the tensors that are not
+        staging buffers (a ``private_payload``'s own copies) are freed while rank 0 still waits for the
+        other ranks (a Thread keeps its args alive until it ends); the staging buffers stay for the
+        next save."""
         t0 = time.perf_counter()
         try:
             tmp = self.tmp_dir(step)

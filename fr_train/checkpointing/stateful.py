@@ -23,8 +23,11 @@ format is unchanged by this module.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
+
+from fr_train.parallel.sharding import host_copies_deferred
 
 
 @runtime_checkable
@@ -56,17 +59,24 @@ class CheckpointStates:
         if len(set(keys)) != len(keys):
             raise ValueError(f"checkpoint states: duplicate keys in {keys}")
 
-    def collect(self, rank: int) -> tuple[dict[str, Any], dict[str, Any] | None]:
-        """(this rank's payload, the shared payload on rank 0 else None)."""
+    def collect(self, rank: int, *, copy: bool = True) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """(this rank's payload, the shared payload on rank 0 else None).
+
+        ``copy=False``: components that take their host copies with ``sharding.host_copy`` (the
+        heads) hand back their live tensors instead (``host_copies_deferred``): only for a caller
+        that copies every tensor of the result before the next training step (CheckpointManager's
+        staging buffers). Other components' states are what their state_dict returns either way
+        (``module.state_dict()``: the live parameters)."""
         payload: dict[str, Any] = {}
         shared: dict[str, Any] = {}
-        for s in self.states:
-            if not s.shared:
-                payload[s.key] = s.component.state_dict()
-            elif rank == 0 or s.collective:
-                state = s.component.state_dict()
-                if rank == 0:
-                    shared[s.key] = state
+        with contextlib.nullcontext() if copy else host_copies_deferred():
+            for s in self.states:
+                if not s.shared:
+                    payload[s.key] = s.component.state_dict()
+                elif rank == 0 or s.collective:
+                    state = s.component.state_dict()
+                    if rank == 0:
+                        shared[s.key] = state
         return payload, shared if rank == 0 else None
 
     def restore(self, payload: dict[str, Any], shared: dict[str, Any]) -> list[str]:

@@ -7,6 +7,9 @@ A checkpoint records C and this rule so it can be re-split for another W.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -72,8 +75,28 @@ def resolve_group(group: dist.ProcessGroup | None) -> Comm:
     )
 
 
+_DEFERRED = contextvars.ContextVar("fr_train_host_copies_deferred", default=False)
+
+
+@contextlib.contextmanager
+def host_copies_deferred() -> Iterator[None]:
+    """Within this block (in this thread), :func:`host_copy` returns ``t.detach()``, the live tensor,
+    instead of a copy: for a caller that copies every tensor the block's state_dicts return before
+    anything can mutate them, i.e. ``CheckpointManager.save_states``, whose reusable (pinned) staging
+    buffers are then the only host copy of a save (issue 13). Outside it, ``head.state_dict()`` is
+    a private copy, as a user expects."""
+    token = _DEFERRED.set(True)
+    try:
+        yield
+    finally:
+        _DEFERRED.reset(token)
+
+
 def host_copy(t: torch.Tensor) -> torch.Tensor:
-    """A private host copy of ``t`` for a checkpoint. A CUDA tensor goes straight to host memory: a
-    ``clone()`` first would briefly double the shard on the device (40 GB at 10M classes with
-    momentum), the difference between saving and running out of memory."""
+    """A private host copy of ``t`` for a checkpoint (``t.detach()`` itself inside
+    :func:`host_copies_deferred`). A CUDA tensor goes straight to host memory: a ``clone()`` first
+    would briefly double the shard on the device (40 GB at 10M classes with momentum), the
+    difference between saving and running out of memory."""
+    if _DEFERRED.get():
+        return t.detach()
     return t.detach().to("cpu", copy=True)
