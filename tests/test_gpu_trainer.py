@@ -53,7 +53,8 @@ def _train_on_gpu(rank: int, world: int, cfg_dict: dict) -> dict:
     trainer.fit()
     first = next(iter(trainer.engine.module.parameters()))
     return {"losses": [h["loss"] for h in trainer.state.history], "precision": trainer.precision,
-            "dtype": str(first.dtype), "skipped": int(trainer.engine.skipped_steps)}
+            "dtype": str(first.dtype), "skipped": int(trainer.engine.skipped_steps),
+            "pinned_staging": trainer.ckpt.staging.pin_memory}
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
@@ -75,6 +76,7 @@ def test_trainer_trains_on_cuda_in_half_precision(precision: str, tmp_path: Path
     # the backbone's parameters: float32 under bf16 autocast, float16 in DeepSpeed's fp16 engine (engine.py)
     assert run["precision"] == precision and run["dtype"] == {"bf16": "torch.float32", "fp16": "torch.float16"}[precision]
     assert len(losses) == 12 and np.isfinite(losses).all()
+    assert run["pinned_staging"], "on a GPU the checkpoint staging buffers are page-locked (checkpoint.pin_host_memory)"
     assert np.mean(losses[-3:]) < np.mean(losses[:3]), losses
     log = [json.loads(line) for line in (tmp_path / precision / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if r.get("event") == "eval"] == [0, 12]

@@ -66,10 +66,12 @@ class CheckpointingMixin:
         distributed = self.world > 1 and dist.is_initialized()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         session = broadcast_session_token() if distributed else None
-        # Pinned staging buffers when the state lives on a GPU: the device→host copy of a save runs at
-        # PCIe speed (issue 13); they hold one checkpoint of this rank in host memory until close().
+        # Pinned staging buffers when the state lives on a GPU (page-locked host memory needs a CUDA
+        # device): the device→host copy of a save runs at PCIe speed (issue 13); they hold one
+        # checkpoint of this rank in host memory until close() (checkpoint.pin_host_memory).
         self.ckpt = CheckpointManager(self.run_dir / "checkpoints", c.keep, self.rank, self.world, session=session,
-                                      states=self._checkpoint_states(), pin_memory=self.device.type == "cuda")
+                                      states=self._checkpoint_states(),
+                                      pin_memory=c.pin_host_memory and self.device.type == "cuda")
         self.save_policy = SavePolicy(c.every_steps, c.every_minutes)
         self.last_saved_step = -1
         self.resumed_from: str | None = None
