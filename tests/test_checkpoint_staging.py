@@ -188,3 +188,20 @@ def test_close_releases_the_buffers_and_a_later_save_allocates_them_again(tmp_pa
     assert mgr.staging.buffer(HEAD_WEIGHT) is not None
     assert mgr.last_timing is not None and mgr.last_timing.staged_bytes > 0
     mgr.close()
+
+
+def test_on_the_save_path_a_head_hands_over_its_live_tensors_and_state_dict_stays_a_private_copy() -> None:
+    """``collect(copy=False)`` (what the manager's staging copies) holds the head's own tensors, so a
+    save makes one host copy, not two; ``head.state_dict()`` is still a copy a user may keep."""
+    head = _head()
+    states = CheckpointStates((State("head", head),))
+    live, _ = states.collect(0, copy=False)
+    copied, _ = states.collect(0, copy=True)
+    momentum = head.optimizer.state[head.weight]["momentum_buffer"]  # type: ignore[union-attr]
+    assert live["head"]["rows"]["weight"].data_ptr() == head.weight.data_ptr()
+    assert live["head"]["optimizer"]["rows"]["weight"]["momentum_buffer"].data_ptr() == momentum.data_ptr()
+    assert live["head"]["rows"]["vpl_memory"].data_ptr() == head.vpl_memory.data_ptr()
+    for state in (copied["head"], head.state_dict()):
+        assert state["rows"]["weight"].data_ptr() != head.weight.data_ptr()
+        assert torch.equal(state["rows"]["weight"], head.weight.detach())
+        assert state["optimizer"]["rows"]["weight"]["momentum_buffer"].data_ptr() != momentum.data_ptr()

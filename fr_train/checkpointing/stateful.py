@@ -23,17 +23,28 @@ format is unchanged by this module.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
-
-from fr_train.parallel.sharding import host_copies_deferred
 
 
 @runtime_checkable
 class Stateful(Protocol):
     def state_dict(self) -> Any: ...
     def load_state_dict(self, state: Any) -> None: ...
+
+
+@runtime_checkable
+class LiveStateful(Protocol):
+    """A component whose ``state_dict()`` is a private host copy (the heads) and which also offers
+    the same state over its live tensors, for a caller that copies them itself."""
+
+    def live_state(self) -> Any: ...
+
+
+def _state_of(component: Stateful, copy: bool) -> Any:
+    if not copy and isinstance(component, LiveStateful):
+        return component.live_state()
+    return component.state_dict()
 
 
 @dataclass(frozen=True)
@@ -62,21 +73,20 @@ class CheckpointStates:
     def collect(self, rank: int, *, copy: bool = True) -> tuple[dict[str, Any], dict[str, Any] | None]:
         """(this rank's payload, the shared payload on rank 0 else None).
 
-        ``copy=False``: components that take their host copies with ``sharding.host_copy`` (the
-        heads) hand back their live tensors instead (``host_copies_deferred``): only for a caller
-        that copies every tensor of the result before the next training step (CheckpointManager's
-        staging buffers). Other components' states are what their state_dict returns either way
-        (``module.state_dict()``: the live parameters)."""
+        ``copy=False``: components whose ``state_dict`` is a private host copy (the heads) hand back
+        their ``live_state()`` instead: only for a caller that copies every tensor of the result
+        before the next training step (CheckpointManager's staging buffers). Other components'
+        states are what their state_dict returns either way (``module.state_dict()``: the live
+        parameters)."""
         payload: dict[str, Any] = {}
         shared: dict[str, Any] = {}
-        with contextlib.nullcontext() if copy else host_copies_deferred():
-            for s in self.states:
-                if not s.shared:
-                    payload[s.key] = s.component.state_dict()
-                elif rank == 0 or s.collective:
-                    state = s.component.state_dict()
-                    if rank == 0:
-                        shared[s.key] = state
+        for s in self.states:
+            if not s.shared:
+                payload[s.key] = _state_of(s.component, copy)
+            elif rank == 0 or s.collective:
+                state = _state_of(s.component, copy)
+                if rank == 0:
+                    shared[s.key] = state
         return payload, shared if rank == 0 else None
 
     def restore(self, payload: dict[str, Any], shared: dict[str, Any]) -> list[str]:

@@ -101,9 +101,9 @@ class BCEHead(PartialFC):
                                       kwargs.get("state_dtype"))
         return self.optimizer
 
-    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:  # type: ignore[override]
+    def live_state(self) -> dict[str, Any]:
         """PartialFC's state with b (and its optimizer rows) under ``replicated`` (replicated.py)."""
-        state = super().state_dict(*args, **kwargs)
+        state = super().live_state()
         move_out(state, {"unified_bias": self.unified_bias})
         state["neg_weight"], state["bias_ratio"] = self.neg_weight, self.bias_ratio
         return state

@@ -32,7 +32,6 @@ from fr_train.heads.margin import CombinedMargin
 from fr_train.heads.partial_fc import PartialFC, _block_init
 from fr_train.heads.sampled_step import check_seed_head, load_with_memory_rows, sampled_step
 from fr_train.heads.vpl import NEVER_WRITTEN, write_latest
-from fr_train.parallel.sharding import host_copy
 
 _MEMORY_ROWS = ("epl_memory", "epl_memory_iter")
 
@@ -96,10 +95,10 @@ class EPLHead(PartialFC):
         candidates = F.normalize(f * current + (1.0 - f) * feats, dim=1)
         write_latest(self.epl_memory, self.epl_memory_iter, local_labels, candidates, self.iteration)
 
-    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:  # type: ignore[override]
+    def live_state(self) -> dict[str, Any]:
         """PartialFC's state + the empirical prototypes in ``rows`` (per class: reshardable)."""
-        state = super().state_dict(*args, **kwargs)
-        state["rows"].update(epl_memory=host_copy(self.epl_memory), epl_memory_iter=host_copy(self.epl_memory_iter))
+        state = super().live_state()
+        state["rows"].update(epl_memory=self.epl_memory.detach(), epl_memory_iter=self.epl_memory_iter.detach())
         state["epl"] = {"k": self.k, "start_iter": self.start_iter}
         return state
 

@@ -49,7 +49,7 @@ from fr_train.heads.prototypes import CHUNK_ROWS, SampledPrototypes, prototype_m
 from fr_train.heads.sampling import ClassSampler, sampler_seed
 from fr_train.heads.vpl import NEVER_WRITTEN, VPLConfig, fresh_rows, write_latest
 from fr_train.parallel.collectives import exchange_meta, gather_rows, gather_rows_nograd
-from fr_train.parallel.sharding import SPLIT_RULE, class_shard, host_copy, resolve_group
+from fr_train.parallel.sharding import SPLIT_RULE, class_shard, host_copies, resolve_group
 
 STATE_FORMAT = "fr_train.heads.PartialFC/1"
 _INIT_BLOCK = 4096  # classes per init block: the initial weights do not depend on the world size
@@ -358,17 +358,25 @@ class PartialFC(nn.Module):
 
     # State ---------------------------------------------------------------------------------------
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:  # type: ignore[override]
-        """Shard + global facts + optimizer rows + VPL bank + step counter + sampler RNG (reshardable)."""
+        """Shard + global facts + optimizer rows + VPL bank + step counter + sampler RNG (reshardable):
+        a private host copy of :meth:`live_state`."""
         if args or kwargs:
             raise TypeError("PartialFC is model-parallel (each rank holds a different shard): save it with "
                             "head.state_dict() on its own, not nested in another module's state_dict")
-        rows = {name: host_copy(getattr(self, name)) for name in self._row_names()}
+        return host_copies(self.live_state())
+
+    def live_state(self) -> dict[str, Any]:
+        """What :meth:`state_dict` holds, with the head's own tensors (detached, not copied): for a
+        caller that copies every tensor before the next step changes them — a checkpoint's staging
+        buffers (checkpointing/stateful.py), which are then the only host copy of a save. Heads that
+        keep more state extend this method, not ``state_dict``."""
+        rows = {name: getattr(self, name).detach() for name in self._row_names()}
         optimizer = None
         if self.optimizer is not None:
             optimizer = {
                 "kind": self.optimizer.kind,
                 "hyper": {k: v for k, v in self.optimizer.param_groups[0].items() if k != "params"},
-                "rows": {n: {k: host_copy(v) for k, v in s.items()} for n, s in self.optimizer.row_state().items()},
+                "rows": {n: {k: v.detach() for k, v in s.items()} for n, s in self.optimizer.row_state().items()},
             }
         return {
             "format": STATE_FORMAT,

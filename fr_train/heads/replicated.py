@@ -14,7 +14,6 @@ import torch
 from torch import nn
 
 from fr_train.heads.optim import RowSparseAdamW, RowSparseSGD
-from fr_train.parallel.sharding import host_copy
 
 REPLICATED_KEY = "replicated"
 
@@ -35,7 +34,7 @@ def move_out(state: dict[str, Any], params: dict[str, torch.Tensor]) -> None:
         opt_rows = None
         if state.get("optimizer") is not None:
             opt_rows = state["optimizer"]["rows"].pop(name)
-        replicated[name] = {"value": host_copy(value), "optimizer": opt_rows}
+        replicated[name] = {"value": value.detach(), "optimizer": opt_rows}
     state[REPLICATED_KEY] = replicated
 
 

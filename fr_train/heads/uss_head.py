@@ -34,7 +34,6 @@ from fr_train.heads.replicated import REPLICATED_KEY, move_in, move_out, rebuild
 from fr_train.heads.sampled_step import check_seed_head, load_with_memory_rows, sampled_step
 from fr_train.heads.vpl import NEVER_WRITTEN, write_latest
 from fr_train.parallel.collectives import all_reduce_
-from fr_train.parallel.sharding import host_copy
 
 _MEMORY_ROWS = ("uss_memory", "uss_memory_iter")
 
@@ -139,12 +138,12 @@ class USSHead(PartialFC):
                                       kwargs.get("state_dtype"))
         return self.optimizer
 
-    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:  # type: ignore[override]
+    def live_state(self) -> dict[str, Any]:
         """PartialFC's state + the class memory in ``rows`` (per class: reshardable) + b under ``replicated``."""
-        state = super().state_dict(*args, **kwargs)
-        state["rows"].update(uss_memory=host_copy(self.uss_memory), uss_memory_iter=host_copy(self.uss_memory_iter))
+        state = super().live_state()
+        state["rows"].update(uss_memory=self.uss_memory.detach(), uss_memory_iter=self.uss_memory_iter.detach())
         move_out(state, {"unified_bias": self.unified_bias})
-        state[REPLICATED_KEY]["unified_bias_ready"] = {"value": host_copy(self.unified_bias_ready), "optimizer": None}
+        state[REPLICATED_KEY]["unified_bias_ready"] = {"value": self.unified_bias_ready.detach(), "optimizer": None}
         state["uss"] = {"margin": self.uss_margin, "weight": self.uss_weight, "start_iter": self.start_iter}
         return state
 

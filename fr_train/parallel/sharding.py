@@ -7,10 +7,8 @@ A checkpoint records C and this rule so it can be re-split for another W.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -75,28 +73,20 @@ def resolve_group(group: dist.ProcessGroup | None) -> Comm:
     )
 
 
-_DEFERRED = contextvars.ContextVar("fr_train_host_copies_deferred", default=False)
-
-
-@contextlib.contextmanager
-def host_copies_deferred() -> Iterator[None]:
-    """Within this block (in this thread), :func:`host_copy` returns ``t.detach()``, the live tensor,
-    instead of a copy: for a caller that copies every tensor the block's state_dicts return before
-    anything can mutate them, i.e. ``CheckpointManager.save_states``, whose reusable (pinned) staging
-    buffers are then the only host copy of a save (issue 13). Outside it, ``head.state_dict()`` is
-    a private copy, as a user expects."""
-    token = _DEFERRED.set(True)
-    try:
-        yield
-    finally:
-        _DEFERRED.reset(token)
-
-
 def host_copy(t: torch.Tensor) -> torch.Tensor:
-    """A private host copy of ``t`` for a checkpoint (``t.detach()`` itself inside
-    :func:`host_copies_deferred`). A CUDA tensor goes straight to host memory: a ``clone()`` first
-    would briefly double the shard on the device (40 GB at 10M classes with momentum), the
-    difference between saving and running out of memory."""
-    if _DEFERRED.get():
-        return t.detach()
+    """A private host copy of ``t`` for a checkpoint. A CUDA tensor goes straight to host memory: a
+    ``clone()`` first would briefly double the shard on the device (40 GB at 10M classes with
+    momentum), the difference between saving and running out of memory."""
     return t.detach().to("cpu", copy=True)
+
+
+def host_copies(tree: Any) -> Any:
+    """``tree`` (dicts, lists, tuples, leaves) with every tensor replaced by its :func:`host_copy`:
+    a head's ``state_dict()`` is the private copy of its ``live_state()``."""
+    if isinstance(tree, torch.Tensor):
+        return host_copy(tree)
+    if isinstance(tree, dict):
+        return {k: host_copies(v) for k, v in tree.items()}
+    if isinstance(tree, list | tuple):
+        return type(tree)(host_copies(v) for v in tree)
+    return tree
