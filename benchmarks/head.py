@@ -16,6 +16,7 @@ allocator). Everything runs in one process, configurations one after another, fr
     python benchmarks/head.py                       # 10k, 100k, 1M classes (1M: rates < 1 only)
     python benchmarks/head.py --classes 10000 --steps 3
     python benchmarks/head.py --memory              # bytes per class and the largest head that fits
+    python benchmarks/head.py --fit-classes 30000000 --rate 0.05 --device cuda   # the 30M claim, measured
 
 ``--memory`` (no timing): the head's persistent state in bytes per class, read off the tensors of a
 real ``PartialFC`` + its optimizer at a small class count (weight, SGD momentum rows, VPL memory bank
@@ -267,6 +268,51 @@ def memory_report(classes: int = 4096, dim: int = 512, rate: float = 0.1, batch:
             "transient_rate": transient_rate, "gb": "10^9 bytes", "rows": rows}
 
 
+def fit_check(classes: int, rate: float, batch: int, dim: int, device: str, budget_gb: float, reserve_gb: float,
+              steps: int = 3) -> dict[str, Any]:
+    """The claim itself, at full size: build the compact VPL head (bf16 weight, fp8 momentum and VPL
+    bank; ``fr_train_compact`` with VPL) of ``classes`` on ``device``, run ``steps`` training steps
+    (VPL injecting from the first, labels over all classes), and report its peak memory — on CUDA
+    ``torch.cuda.max_memory_allocated`` (construction included), on CPU the RSS peak over the RSS
+    before — against ``budget − reserve`` (the backbone's share)."""
+    dev = torch.device(device)
+    gen = torch.Generator(device=dev).manual_seed(0)
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
+        before = torch.cuda.memory_allocated(dev)
+    t0 = time.perf_counter()
+    with PeakRSS() as mem:
+        head = PartialFC(classes, dim, CombinedMargin.arcface(), sample_rate=rate, storage_dtype=torch.bfloat16,
+                         vpl=VPLConfig(start_iter=0), momentum_dtype=FP8, memory_dtype=FP8, device=dev)
+        opt = head.make_optimizer(0.1, momentum=0.9, weight_decay=5e-4)
+        state = sum(persistent_state(head).values())
+        built_s = time.perf_counter() - t0
+        times = []
+        for _ in range(steps):
+            x = torch.randn(batch, dim, generator=gen, device=dev).requires_grad_(True)
+            y = torch.randint(0, classes, (batch,), generator=gen, device=dev)
+            t1 = time.perf_counter()
+            loss = head(x, y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            if not math.isfinite(float(loss.detach())):
+                raise RuntimeError(f"fit check: non-finite loss at {classes} classes")
+            times.append(time.perf_counter() - t1)
+        injected = float(head.last_vpl_injected) if head.last_vpl_injected is not None else 0.0
+    peak = (torch.cuda.max_memory_allocated(dev) - before) if dev.type == "cuda" else mem.peak - mem.start
+    del head, opt
+    gc.collect()
+    return {"benchmark": "head_fit", "device": str(dev), "classes": classes, "rate": rate, "batch": batch, "dim": dim,
+            "state_bytes": state, "state_bytes_per_class": state / classes, "peak_bytes": peak,
+            "step_bytes_over_state": peak - state, "budget_gb": budget_gb, "reserve_gb": reserve_gb,
+            "fits": peak + reserve_gb * 1e9 <= budget_gb * 1e9, "build_s": built_s,
+            "step_s_median": statistics.median(times), "vpl_injected_fraction_last": injected,
+            "peak_method": "torch.cuda.max_memory_allocated" if dev.type == "cuda" else "RSS peak (psutil, 2 ms)"}
+
+
 def memory_table(report: dict[str, Any]) -> str:
     rate, transient = report["rate"], bool(report["transient_classes"])
     head = ("| head | storage | VPL | weight | momentum | VPL bank | row scales (fp8) | VPL timestamps | dense grad "
@@ -301,6 +347,10 @@ def main() -> None:
     p.add_argument("--dense-max-classes", type=int, default=200_000,
                    help="skip sample_rate 1.0 above this class count (the same dense work for both; minutes on CPU)")
     p.add_argument("--memory", action="store_true", help="bytes per class and the largest head that fits; no timing")
+    p.add_argument("--fit-classes", type=int, default=0, help=(
+        "build the compact VPL head of this many classes on --device, run 3 steps at --rate, report its peak "
+        "memory against --budget-gb minus --reserve-gb (e.g. 30000000 --rate 0.05 --device cuda)"))
+    p.add_argument("--device", default="cpu", help="--fit-classes: cpu or cuda")
     p.add_argument("--memory-classes", type=int, default=4096, help="class count the per-class bytes are read at")
     p.add_argument("--rate", type=float, default=0.1, help="--memory: the sample rate of the step's transients")
     p.add_argument("--budget-gb", type=float, default=80.0, help="--memory: device memory, GB (10^9 bytes)")
@@ -318,6 +368,14 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     fixed_malloc_thresholds()
+    if args.fit_classes:
+        fit = fit_check(args.fit_classes, args.rate, args.batch, args.dim, args.device, args.budget_gb, args.reserve_gb)
+        print(f"{fit['classes']:,} classes, rate {fit['rate']:g}, compact VPL head on {fit['device']}: state "
+              f"{fit['state_bytes'] / 1e9:.2f} GB ({fit['state_bytes_per_class']:,.0f} B/class), peak "
+              f"{fit['peak_bytes'] / 1e9:.2f} GB; + {fit['reserve_gb']:g} GB reserve "
+              f"{'fits' if fit['fits'] else 'does NOT fit'} {fit['budget_gb']:g} GB")
+        print(json.dumps(fit))
+        return
     if args.memory:
         report = memory_report(args.memory_classes, args.dim, args.rate, args.batch, args.budget_gb, args.reserve_gb,
                                args.transient_classes, args.transient_rate)

@@ -85,3 +85,16 @@ def test_checkpoint_benchmark_reports_the_first_and_the_steady_state_stall(tmp_p
     for key in ("async_stall_s", "steady_stall_s", "async_lost_s", "steady_lost_s", "sync_total_s", "load_total_s"):
         assert r[key] > 0, key
     assert row.split()[0] == "1000"
+
+
+def test_head_fit_check_builds_the_compact_vpl_head_and_reports_its_peak_against_the_budget() -> None:
+    """``benchmarks/head.py --fit-classes`` at a CPU size: 2,060 B of state per class (bf16 weight,
+    fp8 + scale momentum and bank, int32 timestamps), VPL injecting, and a peak that holds the state."""
+    from benchmarks.head import fit_check
+
+    fit = fit_check(20_000, 0.05, 16, 512, "cpu", budget_gb=80, reserve_gb=12, steps=2)
+    assert fit["state_bytes_per_class"] == 2060
+    assert fit["vpl_injected_fraction_last"] > 0
+    assert fit["peak_bytes"] >= fit["state_bytes"] and fit["fits"]
+    tight = fit_check(20_000, 0.05, 16, 512, "cpu", budget_gb=12.01, reserve_gb=12, steps=1)
+    assert not tight["fits"], "10 MB beside the reserve cannot hold a 41 MB head"

@@ -171,9 +171,16 @@ class PartialFC(nn.Module):
         else:
             self.register_parameter("bias", None)
         if vpl is not None and memory_dtype == FP8:
-            # The same random unit rows as the full-precision bank, quantised (compact.py).
-            memory, scale = quantize_rows(
-                _block_init(self.class_start, self.num_local, embedding_size, seed, 2, None, torch.float32, dev))
+            # The same random unit rows as the full-precision bank, quantised (compact.py) a block of
+            # rows at a time: a float32 bank of the whole shard first would be 2 KB per class (61 GB
+            # at 30M classes) at construction, the peak that decides whether the head fits.
+            memory = torch.empty(self.num_local, embedding_size, dtype=FP8, device=dev)
+            scale = torch.empty(self.num_local, dtype=torch.float32, device=dev)
+            for lo in range(0, self.num_local, _INIT_BLOCK * 16):
+                n = min(_INIT_BLOCK * 16, self.num_local - lo)
+                rows = _block_init(self.class_start + lo, n, embedding_size, seed, 2, None, torch.float32, dev)
+                q, scale[lo : lo + n] = quantize_rows(rows)
+                memory.view(torch.uint8)[lo : lo + n] = q.view(torch.uint8)
             self.register_buffer("vpl_memory", memory)
             self.register_buffer("vpl_memory_scale", scale)
             self.register_buffer("vpl_memory_iter",
