@@ -220,11 +220,12 @@ class CheckpointConfig:
     """A worker sent SIGTERM (a spot VM shutting down, `ray stop`) finishes its step and checkpoints;
     it waits at most this long for that before exiting anyway (clouds give 30 s to 2 min)."""
     pin_host_memory: bool = True
-    """Training on a GPU, a save copies the state into host buffers kept from one save to the next
-    (checkpointing/staging.py); true: page-locked, so the copy (the only time a step waits) runs at
-    PCIe speed; false: pageable, slower to fill but swappable. Either way they hold one checkpoint of
-    the rank in host memory for the whole run (~20 GiB per GPU for a 10M-class bf16 head): set false
-    when many GPUs share a host with little memory. No effect on CPU."""
+    """A save copies the state into host buffers kept from one save to the next (checkpointing/
+    staging.py): they hold one checkpoint of the rank in host memory for the whole run (~20 GiB per
+    GPU for a 10M-class bf16 head; on CPU a second copy of the state). Training on a GPU, true
+    page-locks the buffers of device tensors (exact size), so the copy (the only time a step waits)
+    runs at PCIe speed; false: pageable, slower to fill but swappable — for hosts where many GPUs
+    share little memory. No effect on CPU."""
 
 
 @dataclass

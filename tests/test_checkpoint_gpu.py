@@ -72,15 +72,21 @@ def test_gpu_head_checkpoint_round_trips_through_host_memory(tmp_path: Path, sto
 
 def test_device_to_host_copies_are_queued_into_pinned_buffers_and_synchronised_once() -> None:
     """The non_blocking path: with the stream busy, the copy is only queued when ``copy`` returns
-    (the host did not wait for it), and the end of the staging pass waits for it."""
-    src = torch.randn(1 << 24, device="cuda")  # 64 MiB
-    expected = src.cpu()
+    (the host did not wait for it), and the end of the staging pass waits for it. The buffer is
+    page-locked at its exact size (not rounded up to a power of two by PyTorch's pinned allocator)."""
+    src = torch.randn((1 << 24) + 3, device="cuda")  # 64 MiB + 12 B: a power-of-two rounding would show
     staging = HostStaging(pin_memory=True)
+    with staging.copying():  # the first pass allocates and page-locks the buffer
+        staging.copy("x", src)
+    buf = staging.buffer("x")
+    assert buf is not None and buf.device.type == "cpu" and buf.is_pinned()
+    assert staging.nbytes == src.nbytes
+    src.mul_(2)
+    expected = src.cpu()
     stream = torch.cuda.current_stream()
-    with staging.copying():
+    with staging.copying():  # the second reuses it: only the copy is timed against the stream
         torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time queued ahead of the copy
-        buf = staging.copy("x", src)
-        assert buf.device.type == "cpu" and buf.is_pinned()
+        assert staging.copy("x", src).data_ptr() == buf.data_ptr()
         assert not stream.query()  # still queued: no blocking copy per tensor
     assert stream.query()  # one synchronisation at the end of the pass
     assert torch.equal(buf, expected)

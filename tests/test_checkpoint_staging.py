@@ -205,3 +205,28 @@ def test_on_the_save_path_a_head_hands_over_its_live_tensors_and_state_dict_stay
         assert state["rows"]["weight"].data_ptr() != head.weight.data_ptr()
         assert torch.equal(state["rows"]["weight"], head.weight.detach())
         assert state["optimizer"]["rows"]["weight"]["momentum_buffer"].data_ptr() != momentum.data_ptr()
+
+
+def test_staging_ahead_leaves_the_first_save_nothing_to_allocate(tmp_path: Path) -> None:
+    """``stage_ahead()`` (the Trainer calls it after resuming) allocates every buffer the state needs,
+    so the run's first save only copies; what it wrote is still the state at the save."""
+    run = _Run()
+    run.step()
+    mgr = CheckpointManager(tmp_path, keep=2, rank=0, world=1, states=run.states)
+    allocated = mgr.stage_ahead()
+    assert allocated > C * D * 4 and mgr.staging.buffer(HEAD_WEIGHT) is not None
+    run.step()  # the state moves on after staging ahead: the save must write the new one
+    mgr.save_states(run.train.step, _meta())
+    mgr.close()
+    assert mgr.last_timing is not None and mgr.last_timing.staged_bytes == 0
+    ckpt = find_latest(tmp_path)
+    assert ckpt is not None
+    assert torch.equal(ckpt.payload_for(0, 1)["head"]["rows"]["weight"], run.head.weight.detach())
+
+
+def test_a_head_subclass_that_extends_state_dict_but_not_live_state_is_refused_at_definition() -> None:
+    """Checkpoints save ``live_state()``: extra state added in ``state_dict()`` alone would be lost."""
+    with pytest.raises(TypeError, match=r"overrides state_dict\(\) but not live_state\(\)"):
+        class _Forgetful(PartialFC):
+            def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:  # type: ignore[override]
+                return {**super().state_dict(), "extra": 1}

@@ -34,6 +34,18 @@ def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
+def _kept_by(grad_fn: object) -> list[torch.Tensor]:
+    """Every tensor the loss's backward node holds outside ``save_for_backward``: its context's
+    attributes, and the fields of the objects among them (the step's prototype columns)."""
+    out: list[torch.Tensor] = []
+    for value in vars(grad_fn).values():
+        if isinstance(value, torch.Tensor):
+            out.append(value)
+        elif hasattr(value, "__dict__"):
+            out += [v for v in vars(value).values() if isinstance(v, torch.Tensor)]
+    return out
+
+
 def test_between_forward_and_backward_no_copy_of_the_sampled_rows_is_kept() -> None:
     head = _head()
     for step in range(3):  # past start_iter, with fresh memory rows
@@ -49,15 +61,33 @@ def test_between_forward_and_backward_no_copy_of_the_sampled_rows_is_kept() -> N
     sampled = head.last_sampled_classes.numel()  # type: ignore[union-attr]
     assert float(head.last_vpl_injected) > 0, "the step must inject VPL memory for this to test it"
     assert sampled * DIM > 4 * BATCH * DIM, "the sampled rows must outweigh the batch for this to test it"
-    # Autograd keeps batch-sized tensors only (the features and their normalisation); the softmax
-    # [B, S] is held by the loss itself, and nothing has a dimension of the sampled columns.
-    shapes = [tuple(t.shape) for t in saved]
-    assert all(sampled not in shape for shape in shapes), shapes
-    assert sum(t.numel() * t.element_size() for t in saved) < 8 * BATCH * DIM * 4, shapes
+    own = {t.untyped_storage().data_ptr() for t in [*head.parameters(), *head.buffers()]}
+    kept = [t for t in saved + _kept_by(loss.grad_fn) if t.untyped_storage().data_ptr() not in own]
+    shapes = [tuple(t.shape) for t in kept]
+    # Per sampled column: the softmax (B floats) and a few indices; per injecting column its memory
+    # row; the rest is batch-sized. No [S, D] copy of the sampled rows.
+    assert not any(t.numel() >= sampled * DIM for t in kept), shapes
+    assert sum(t.numel() * t.element_size() for t in kept) < sampled * (4 * BATCH + 32) + 8 * BATCH * DIM * 4, shapes
     loss.backward()
     grad = head.weight.grad
     assert grad is not None and grad.is_sparse and grad.dtype == torch.bfloat16
     assert grad._nnz() == sampled and grad._values().shape == (sampled, DIM)
+
+
+def test_an_in_place_change_of_the_weight_before_backward_is_refused() -> None:
+    """Backward rebuilds the prototypes from the stored rows: were they changed in place after the
+    forward, autograd's version check refuses instead of differentiating at other weights."""
+    head = _head()
+    x, y = _batch(0)
+    loss = head(x.requires_grad_(True), y)
+    with torch.no_grad():
+        head.weight.mul_(2)
+    try:
+        loss.backward()
+    except RuntimeError as e:
+        assert "modified by an inplace operation" in str(e)
+    else:
+        raise AssertionError("backward after an in-place change of the weight must raise")
 
 
 def test_chunks_of_7_columns_train_as_one_chunk_in_the_gpu_configuration() -> None:

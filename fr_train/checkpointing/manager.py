@@ -160,7 +160,18 @@ class CheckpointManager:
             json.dumps(full_meta)  # not JSON-able: fail now, in the caller's thread
         elif shared is not None or meta is not None:
             raise ValueError(f"rank {self.rank}: only rank 0 writes the shared payload and meta")
-        # The previous write is over (wait above): its staging buffers are free to be overwritten.
+        rank_blob, shared_blob = self._stage(step, payload, shared, private_payload)
+        timing = SaveTiming(step, stall=time.perf_counter() - t0, staged_bytes=self.staging.allocated_bytes)
+        pending = _Pending(threading.Thread(), timing)
+        pending.thread = threading.Thread(target=self._write, args=(step, [rank_blob, shared_blob], full_meta, pending),
+                                          name=f"checkpoint-step-{step}", daemon=False)
+        self._pending, self._last_step = pending, step
+        pending.thread.start()
+
+    def _stage(self, step: int, payload: dict[str, Any], shared: dict[str, Any] | None,
+               private_payload: bool) -> tuple[Any, Any]:
+        """The host copies of a save (rank blob, shared blob), in the staging buffers. The caller has
+        waited for the previous write: its buffers are free to be overwritten."""
         with self.staging.copying():  # its exit waits for the device→host copies
             rank_blob = snapshot({"format": RANK_FORMAT, "rank": self.rank, "world_size": self.world, "step": step,
                                   "payload": payload}, clone_cpu_tensors=not private_payload,
@@ -168,12 +179,22 @@ class CheckpointManager:
             shared_blob = None if shared is None else snapshot(
                 {"format": SHARED_FORMAT, "step": step, "payload": shared}, path="shared payload",
                 staging=self.staging)
-        timing = SaveTiming(step, stall=time.perf_counter() - t0, staged_bytes=self.staging.allocated_bytes)
-        pending = _Pending(threading.Thread(), timing)
-        pending.thread = threading.Thread(target=self._write, args=(step, [rank_blob, shared_blob], full_meta, pending),
-                                          name=f"checkpoint-step-{step}", daemon=False)
-        self._pending, self._last_step = pending, step
-        pending.thread.start()
+        return rank_blob, shared_blob
+
+    def stage_ahead(self) -> int:
+        """Allocate the staging buffers now, from the components' current state (copied once and
+        dropped), so that the run's first save stalls no longer than its later ones: the first save
+        would otherwise allocate them, and page-locking a GPU rank's ~8 GiB takes seconds (issue 13).
+        Collective entries are left to the first save (a consolidated ZeRO optimizer state does not
+        exist before the first step, and gathering it is a collective); so is any state a component
+        creates later (the backbone's momentum at its first step). Call it after resuming, before
+        training. Returns the bytes allocated."""
+        if self.states is None:
+            raise ValueError("CheckpointManager.stage_ahead: no states were handed to this manager")
+        payload, shared = self.states.collect(self.rank, copy=False, collectives=False)
+        self.wait()
+        self._stage(-1, payload, shared, private_payload=False)
+        return self.staging.allocated_bytes
 
     def save_states(self, step: int, meta: dict[str, Any] | None, *, sync: bool = False) -> None:
         """Checkpoint ``step`` from the components handed in as ``states`` (each saves itself);
@@ -204,10 +225,13 @@ class CheckpointManager:
 
     def wait(self) -> None:
         """Block until the previous save is written (and, on rank 0, committed); re-raise its error."""
-        pending, self._pending = self._pending, None
+        pending = self._pending
         if pending is None:
             return
+        # Cleared only once the writer has ended: a join cut short (a signal) must not let the next
+        # save overwrite staging buffers the writer is still reading.
         pending.thread.join()
+        self._pending = None
         self.last_timing = pending.timing
         if pending.error:
             raise RuntimeError(f"checkpoint of step {pending.timing.step} under {self.root} failed on rank "

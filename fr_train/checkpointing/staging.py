@@ -11,7 +11,10 @@ and dropped when its path is no longer saved.
 Buffers for device tensors are page-locked when the owner says so (``pin_memory=True``: the
 trainer, from the device it trains on; the choice is the caller's, so the CPU tests run the same
 code): their copies are issued ``non_blocking`` and the staging pass ends with one synchronisation
-per device, so the writer thread never sees a half-copied tensor. Copies from CPU tensors are a
+per device, so the writer thread never sees a half-copied tensor. They are page-locked at their
+exact size (``cudaHostRegister`` on plain host memory, undone when the buffer is dropped), not
+taken from PyTorch's pinned allocator, which rounds every block up to a power of two: a 10.24 GB
+weight would hold 16 GiB of page-locked memory. Copies from CPU tensors are a
 ``copy_`` into the reused (never pinned) buffer, on one thread below 64 MiB (``_PARALLEL_COPY_BYTES``).
 
 Memory: the buffers stay allocated between saves: the size of one checkpoint per rank of host
@@ -39,7 +42,32 @@ on one. Larger copies keep the thread team: memory bandwidth is then what counts
 class _Buffer:
     tensor: torch.Tensor
     pinned: bool
+    registered: bool = False  # page-locked with cudaHostRegister: unregistered when dropped
     used: bool = True
+
+
+def _page_locked(shape: torch.Size, stride: tuple[int, ...], dtype: torch.dtype) -> _Buffer:
+    """A host buffer page-locked at its exact size (module docstring). Falls back to PyTorch's
+    pinned allocator where this torch's ``cudart`` has no ``cudaHostRegister``."""
+    cudart = torch.cuda.cudart()
+    if not hasattr(cudart, "cudaHostRegister"):
+        return _Buffer(torch.empty_strided(shape, stride, dtype=dtype, device="cpu", pin_memory=True), pinned=True)
+    t = torch.empty_strided(shape, stride, dtype=dtype, device="cpu")
+    storage = t.untyped_storage()
+    if storage.nbytes() == 0:
+        return _Buffer(t, pinned=True)
+    err = cudart.cudaHostRegister(storage.data_ptr(), storage.nbytes(), 0)
+    if int(err) != 0:  # cudaSuccess
+        raise RuntimeError(f"checkpoint staging: page-locking {storage.nbytes() / 2**30:.2f} GiB of host memory failed "
+                           f"({err}); the host may limit locked memory (ulimit -l, or too little RAM): set "
+                           "checkpoint.pin_host_memory=false to stage in pageable memory")
+    return _Buffer(t, pinned=True, registered=True)
+
+
+def _unlock(b: _Buffer) -> None:
+    if b.registered:
+        torch.cuda.cudart().cudaHostUnregister(b.tensor.untyped_storage().data_ptr())
+        b.registered = False
 
 
 class HostStaging:
@@ -81,7 +109,7 @@ class HostStaging:
             self._synchronize()  # also on an error: no copy may still be landing in a buffer
         # A pass cut short (a payload refused half-way) keeps the buffers it did not reach.
         for path in [p for p, b in self._buffers.items() if not b.used]:
-            del self._buffers[path]
+            _unlock(self._buffers.pop(path))
 
     def copy(self, path: str, src: torch.Tensor) -> torch.Tensor:
         """Copy ``src`` (a dense tensor on any device) into the host buffer of ``path`` (inside
@@ -95,9 +123,12 @@ class HostStaging:
         b = self._buffers.get(path)
         if (b is None or b.pinned != pinned or b.tensor.dtype != src.dtype or b.tensor.shape != src.shape
                 or b.tensor.stride() != stride):
-            self._buffers.pop(path, None)  # the old buffer's memory is free before the new one is taken
-            b = _Buffer(torch.empty_strided(src.shape, stride, dtype=src.dtype, device="cpu", pin_memory=pinned),
-                        pinned)
+            old = self._buffers.pop(path, None)  # the old buffer's memory is free before the new one is taken
+            if old is not None:
+                _unlock(old)
+                del old
+            b = (_page_locked(src.shape, stride, src.dtype) if pinned
+                 else _Buffer(torch.empty_strided(src.shape, stride, dtype=src.dtype, device="cpu"), pinned=False))
             self._buffers[path] = b
             self.allocated_bytes += b.tensor.untyped_storage().nbytes()
         b.used = True
@@ -125,6 +156,8 @@ class HostStaging:
     def release(self) -> None:
         """Free every buffer (and, for pinned ones, hand the page-locked memory back to the OS)."""
         pinned = any(b.pinned for b in self._buffers.values())
+        for b in self._buffers.values():
+            _unlock(b)
         self._buffers.clear()
         self._devices.clear()
         if pinned:

@@ -70,8 +70,10 @@ class CheckpointStates:
         if len(set(keys)) != len(keys):
             raise ValueError(f"checkpoint states: duplicate keys in {keys}")
 
-    def collect(self, rank: int, *, copy: bool = True) -> tuple[dict[str, Any], dict[str, Any] | None]:
-        """(this rank's payload, the shared payload on rank 0 else None).
+    def collect(self, rank: int, *, copy: bool = True,
+                collectives: bool = True) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """(this rank's payload, the shared payload on rank 0 else None). ``collectives=False`` leaves
+        out the collective entries (their keys are then absent): a partial state, for sizing buffers.
 
         ``copy=False``: components whose ``state_dict`` is a private host copy (the heads) hand back
         their ``live_state()`` instead: only for a caller that copies every tensor of the result
@@ -81,6 +83,8 @@ class CheckpointStates:
         payload: dict[str, Any] = {}
         shared: dict[str, Any] = {}
         for s in self.states:
+            if s.collective and not collectives:
+                continue
             if not s.shared:
                 payload[s.key] = _state_of(s.component, copy)
             elif rank == 0 or s.collective:

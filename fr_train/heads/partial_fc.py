@@ -119,6 +119,14 @@ class PartialFC(nn.Module):
     ``memory_dtype``: None (the storage dtype) or ``torch.float8_e4m3fn`` (compact state, module doc).
     """
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # A checkpoint takes live_state() (the save path's staging copies it); a subclass adding state
+        # in state_dict() alone would lose it from every training checkpoint without a word.
+        super().__init_subclass__(**kwargs)
+        if "state_dict" in vars(cls) and "live_state" not in vars(cls):
+            raise TypeError(f"{cls.__name__} overrides state_dict() but not live_state(): extend live_state() "
+                            "(state_dict() is its host copy, and checkpoints save live_state())")
+
     def __init__(
         self,
         num_classes: int,
@@ -229,10 +237,12 @@ class PartialFC(nn.Module):
         memory_iter = self.vpl_memory_iter.clone() if idx is None else self.vpl_memory_iter.index_select(0, idx)
         protos.vpl, protos.memory_iter = self.vpl, memory_iter
         if step > self.vpl.start_iter and self.vpl.lambda_ != 0.0:
-            fresh_cols = torch.nonzero(fresh_rows(self.vpl, memory_iter, step)).squeeze(1)
-            protos.fresh_cols = fresh_cols
-            protos.fresh_memory = self._memory_rows(fresh_cols if idx is None else idx[fresh_cols],
-                                                    compute_dtype).detach().to(compute_dtype)
+            fresh_cols = torch.nonzero(fresh_rows(self.vpl, memory_iter, step)).squeeze(1)  # a host sync
+            rows = self._memory_rows(fresh_cols if idx is None else idx[fresh_cols], compute_dtype)
+            protos.fresh_memory = torch.cat([rows.new_zeros(1, rows.shape[1]), rows.detach().to(compute_dtype)])
+            slot = torch.zeros_like(memory_iter, dtype=torch.int64)
+            slot[fresh_cols] = torch.arange(1, fresh_cols.numel() + 1, device=slot.device)
+            protos.memory_slot = slot
         return protos
 
     # Forward -------------------------------------------------------------------------------------
@@ -306,7 +316,8 @@ class PartialFC(nn.Module):
         prototypes = self._prototypes(idx, compute_dtype, step)
         if self.vpl is not None:
             # Fraction of this rank's prototypes in the step that were variational (a 0-d tensor:
-            # reading it is the caller's choice, so the step itself never waits on the device).
+            # reading it is the caller's choice; the step's own host syncs are the input checks'
+            # exchange, the batch's unique classes and, with VPL injecting, the fresh columns).
             self.last_vpl_injected = prototypes.injected_fraction()
 
         target_col = torch.full_like(y, -1)

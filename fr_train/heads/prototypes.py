@@ -76,10 +76,11 @@ def row_gradient(values: torch.Tensor, idx: torch.Tensor | None, shape: torch.Si
 @dataclass
 class SampledPrototypes:
     """The columns of one step: rows ``idx`` (sorted local rows; None = every row) of ``weight``
-    (and ``bias``), turned into prototypes by :meth:`build`. VPL fields (module docstring): the
-    sampled rows' timestamps ``memory_iter`` and, for the columns ``fresh_cols`` (sorted) that inject
-    their memory, the memory rows ``fresh_memory`` in ``compute_dtype`` — both read before this
-    step's write to the bank."""
+    (and ``bias``), turned into prototypes by :meth:`build`. VPL fields (module docstring), read
+    before this step's write to the bank: the sampled rows' timestamps ``memory_iter``; when VPL
+    injects this step, ``fresh_memory`` [1 + F, D] (``compute_dtype``): a zero row, then the memory
+    rows of the F columns that inject it, and ``memory_slot`` [S]: each column's row in it (0 for
+    the others), so a chunk's memory is one ``index_select`` with no host synchronisation."""
 
     weight: torch.Tensor
     bias: torch.Tensor | None
@@ -89,8 +90,8 @@ class SampledPrototypes:
     step: int
     vpl: VPLConfig | None = None
     memory_iter: torch.Tensor | None = None
-    fresh_cols: torch.Tensor | None = None
-    fresh_memory: torch.Tensor | None = None  # None (with fresh_cols None): VPL does not inject this step
+    memory_slot: torch.Tensor | None = None  # None (with fresh_memory None): VPL does not inject this step
+    fresh_memory: torch.Tensor | None = None
     chunk_rows: int = CHUNK_ROWS
 
     @property
@@ -120,20 +121,12 @@ class SampledPrototypes:
         b = None if raw_b is None else raw_b.to(self.compute_dtype)
         if self.normalize:
             w = F.normalize(w, dim=1)
-        if self.vpl is not None and self.fresh_cols is not None:
+        if self.vpl is not None and self.memory_slot is not None:
             assert self.memory_iter is not None and self.fresh_memory is not None
-            a, z = self._fresh_range(lo, hi)
-            memory = w.new_zeros(w.shape)  # λ = 0 on every other column: zeros stand in exactly
-            memory[self.fresh_cols[a:z] - lo] = self.fresh_memory[a:z]
+            # λ = 0 on the columns that do not inject: the zero row stands in for their memory exactly.
+            memory = self.fresh_memory.index_select(0, self.memory_slot[lo:hi])
             w = inject(self.vpl, w, memory, self.memory_iter[lo:hi], self.step)
         return w, b
-
-    def _fresh_range(self, lo: int, hi: int) -> tuple[int, int]:
-        """Positions in ``fresh_cols`` (sorted) of the columns in ``[lo, hi)``."""
-        assert self.fresh_cols is not None
-        edges = torch.tensor([lo, hi], device=self.fresh_cols.device, dtype=self.fresh_cols.dtype)
-        a, z = torch.searchsorted(self.fresh_cols, edges).tolist()
-        return a, z
 
     def full(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Every column at once through autograd (sparse row gradients): for the heads whose loss
@@ -180,7 +173,11 @@ class PrototypeMarginCE(torch.autograd.Function):
                     logits[:, lo:hi] += b
                 del w, b
         loss, (rows, cols, slope) = softmax_ce_in_place(logits, target_col, margin, comm)
-        ctx.save_for_backward(x, rows, cols, *(() if slope is None else (slope,)))
+        # weight and bias are saved (no copy) for autograd's version check: backward rebuilds the
+        # prototypes from them, so an in-place change between forward and backward must raise.
+        ctx.save_for_backward(x, weight, *(() if bias is None else (bias,)), rows, cols,
+                              *(() if slope is None else (slope,)))
+        ctx.has_bias = bias is not None
         ctx.probs, ctx.protos = logits, protos
         ctx.margin, ctx.matmul_dtype = margin, matmul_dtype
         return loss
@@ -188,7 +185,8 @@ class PrototypeMarginCE(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss: torch.Tensor):  # type: ignore[override]
-        x, rows, cols, *maybe_slope = ctx.saved_tensors
+        x, _weight, *rest = ctx.saved_tensors  # unpacking runs the version check of weight (and bias)
+        rows, cols, *maybe_slope = rest[1:] if ctx.has_bias else rest
         protos: SampledPrototypes = ctx.protos
         grad = ctx.probs  # consumed in place: the graph cannot be back-propagated twice
         ctx.probs = ctx.protos = None

@@ -76,6 +76,9 @@ class CheckpointingMixin:
         self.last_saved_step = -1
         self.resumed_from: str | None = None
         self._resume()
+        # The staging buffers now, not in the first save's stall (what exists yet: a fresh run's
+        # backbone momentum appears at its first step and is staged by the first save).
+        self.ckpt.stage_ahead()
 
     def _checkpoint_states(self) -> CheckpointStates:
         """Every component with state, each saving and restoring itself (checkpointing/stateful.py),
