@@ -28,10 +28,16 @@ _NOT_RETRYABLE: tuple[type[BaseException], ...] = (
 )
 
 
-def is_retryable(exc: BaseException) -> bool:
+def is_retryable(exc: BaseException, *, process_group_lost: bool = False) -> bool:
     """False for errors of the run's input, which a restart cannot fix; True for everything else
-    (a crashed or killed process, a lost node, out of memory, a flaky filesystem)."""
-    return not isinstance(exc, _NOT_RETRYABLE)
+    (a crashed or killed process, a lost node, out of memory, a flaky filesystem).
+
+    ``process_group_lost``: the worker's process group is gone while the run has several ranks.
+    Ray Train destroys it when it stops a worker group (a resize, a lost node) while the training
+    loop may still be running; the loop's next collective then raises torch's ``ValueError``
+    ("Default process group has not been initialized"), which says nothing about the input: seen
+    in the elastic and preemption tests under load, where it ended the run as "not retried"."""
+    return process_group_lost or not isinstance(exc, _NOT_RETRYABLE)
 
 
 def one_line(exc: BaseException) -> str:

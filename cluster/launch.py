@@ -144,7 +144,8 @@ def launch(cfg: TrainConfig) -> int:
     # the merge). A local cluster keeps its dashboard (on 127.0.0.1): Ray Train's placement-group
     # cleaner queries the State API it serves, and logs a failure every few seconds without it.
     local = not os.environ.get("RAY_ADDRESS") and not ray.is_initialized()
-    if not ray.is_initialized():
+    owns_ray = not ray.is_initialized()
+    if owns_ray:
         if local:
             ray.init(log_to_driver=True, _node_ip_address="127.0.0.1", include_dashboard=True,
                      dashboard_host="127.0.0.1")
@@ -189,6 +190,10 @@ def launch(cfg: TrainConfig) -> int:
         error: BaseException | None = result.error
     except Exception as exc:  # Ray 2.60 raises the run's failure (TrainingFailedError) from fit()
         result, error = None, exc
+    if owns_ray:
+        # Ray forwards the workers' output to this process asynchronously: disconnect first, so that
+        # the run's last line below is the last line the user reads, not a late worker log line.
+        ray.shutdown()
     fatal = read_fatal(run_dir)
     if fatal is not None:  # an error no restart fixes: the workers stopped retrying
         log.info(f"run {cfg.run.name} FAILED (not retried: a restart cannot fix it): {fatal['error']}")

@@ -103,7 +103,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             record_fatal(run_dir, exc, rank)  # the same step from the same checkpoint: not a transient
         raise
     except Exception as exc:
-        if not is_retryable(exc):
+        group_lost = world > 1 and not (torch.distributed.is_available() and torch.distributed.is_initialized())
+        if not is_retryable(exc, process_group_lost=group_lost):
             record_fatal(run_dir, exc, rank)
         raise
     if st.step < trainer.total_steps:

@@ -47,6 +47,21 @@ def test_errors_of_the_input_are_not_retried_crashes_are() -> None:
     assert not is_retryable(FileNotFoundError("no such checkpoint"))
     assert is_retryable(RuntimeError("NCCL error: unhandled system error"))
     assert is_retryable(MemoryError())
+    # Ray tore the process group down under a running loop (a resize): torch's ValueError is no input error
+    torn_down = ValueError("Default process group has not been initialized, please make sure to call init_process_group.")
+    assert not is_retryable(torn_down)
+    assert is_retryable(torn_down, process_group_lost=True)
+
+
+def test_a_nan_loss_error_survives_pickling_as_ray_sends_it_to_the_controller() -> None:
+    """Ray pickles a worker's exception to its TrainController; an exception whose __init__ needs
+    more than its message could not be rebuilt there (the run then ended on Ray's traceback)."""
+    import pickle
+
+    from fr_train.train.trainer import NonFiniteLossError
+
+    back = pickle.loads(pickle.dumps(NonFiniteLossError("loss is nan at step 7", 7)))
+    assert isinstance(back, NonFiniteLossError) and back.step == 7 and str(back) == "loss is nan at step 7"
 
 
 def test_a_nan_loss_twice_at_one_step_is_fatal(tmp_path: Path) -> None:

@@ -44,6 +44,10 @@ class NonFiniteLossError(FloatingPointError):
         super().__init__(message)
         self.step = step
 
+    def __reduce__(self) -> tuple[type[NonFiniteLossError], tuple[str, int]]:
+        # Ray pickles a worker's exception to its controller: rebuild it with the step too.
+        return type(self), (str(self), self.step)
+
 
 class Trainer(CheckpointingMixin, RecordsMixin):
     """Owns one rank's data iterator, DeepSpeed engine, sharded head and its optimizer."""
