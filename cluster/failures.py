@@ -12,6 +12,7 @@ preemptions and other errors keep Ray's retries. This module is the record's one
 
 from __future__ import annotations
 
+import errno
 import json
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,9 @@ NONFINITE_NAME = "nonfinite.json"  # the step of the last NaN loss: twice at one
 _NOT_RETRYABLE: tuple[type[BaseException], ...] = (
     ValueError, TypeError, LookupError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
 )
+# Storage that cannot take the run's files: full, over quota, read-only. A restart writes the same
+# checkpoint to the same place; the user must free space or pass another --storage.
+_STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
 
 
 def is_retryable(exc: BaseException, *, process_group_lost: bool = False) -> bool:
@@ -37,7 +41,11 @@ def is_retryable(exc: BaseException, *, process_group_lost: bool = False) -> boo
     loop may still be running; the loop's next collective then raises torch's ``ValueError``
     ("Default process group has not been initialized"), which says nothing about the input: seen
     in the elastic and preemption tests under load, where it ended the run as "not retried"."""
-    return process_group_lost or not isinstance(exc, _NOT_RETRYABLE)
+    if process_group_lost:
+        return True
+    if isinstance(exc, OSError) and exc.errno in _STORAGE_ERRNOS:
+        return False
+    return not isinstance(exc, _NOT_RETRYABLE)
 
 
 def one_line(exc: BaseException) -> str:
@@ -58,8 +66,17 @@ def _read(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def record_fatal(run_dir: Path, exc: BaseException, rank: int) -> None:
-    _write(run_dir / FATAL_NAME, {"error": one_line(exc), "type": type(exc).__name__, "rank": rank})
+def record_fatal(run_dir: Path, exc: BaseException, rank: int) -> bool:
+    """Best effort: on a full or read-only storage the record itself cannot be written (then Ray's
+    retries run, and fail the same way). Returns whether it was written."""
+    try:
+        _write(run_dir / FATAL_NAME, {"error": one_line(exc), "type": type(exc).__name__, "rank": rank})
+    except OSError as write_error:
+        from fr_train.console import log
+
+        log.info(f"rank {rank}: cannot record the error in {run_dir / FATAL_NAME} ({write_error}); Ray retries it")
+        return False
+    return True
 
 
 def read_fatal(run_dir: Path) -> dict[str, Any] | None:

@@ -8,6 +8,10 @@ on the driver, before any worker starts, so workers never race to create files.
 
 from __future__ import annotations
 
+import errno
+import os
+import signal
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,15 +120,43 @@ def check_placement(placement: Placement, cfg: TrainConfig, local: bool) -> None
         time.sleep(min(5.0, max(0.1, deadline - now)))
 
 
+class StorageError(ValueError):
+    """run.storage cannot hold the run (read-only, full, not a directory): nothing was started."""
+
+
+def check_storage_writable(storage: Path, run_dir: Path) -> None:
+    """Write and remove a probe file in the run directory before anything starts: a read-only or
+    full storage otherwise surfaces as a worker's failed checkpoint, after the first steps."""
+    probe = run_dir / f".write-probe-{os.getpid()}"
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"fr_train")
+        probe.unlink()
+    except OSError as exc:
+        why = {errno.EROFS: "is read-only", errno.ENOSPC: "is full", errno.EDQUOT: "is over its quota",
+               errno.EACCES: "is not writable by this user", errno.ENOTDIR: "is not a directory"}.get(
+            exc.errno or 0, f"cannot be written ({exc.strerror or exc})")
+        raise StorageError(f"run.storage={storage}: {run_dir} {why} ({type(exc).__name__}: {exc}). Pass --storage "
+                           "a directory this user can write on every node, with room for the checkpoints") from None
+
+
 def launch(cfg: TrainConfig) -> int:
     setup_console()
-    import os
-
     import ray
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from cluster.driver_stop import clear_stop_request, fit_until_signal, force_exit
     from cluster.failures import clear_records, read_fatal
+    from cluster.outcome import (
+        AttemptCounter,
+        failed_attempts,
+        failure_line,
+        resume_point,
+        run_finished,
+        summarize_run,
+    )
+    from cluster.ray_state import set_aside_ray_snapshot
     from cluster.worker import train_loop
     from fr_train.checkpointing import check_run_directory
 
@@ -135,6 +167,7 @@ def launch(cfg: TrainConfig) -> int:
     # Before anything else: a run name owns its directory (resume it, --overwrite it, or another
     # --name); the checkpoint it would resume from is checked here, on the driver (manifests and
     # sizes: rank 0 hashes every file before loading, and a large head's checkpoint is GBs).
+    check_storage_writable(storage, run_dir)
     check_run_directory(run_dir, cfg, hash_files=False)
     data_dir = prepare_data(cfg)
     cfg.data.path = str(data_dir)
@@ -155,6 +188,11 @@ def launch(cfg: TrainConfig) -> int:
     check_placement(placement, cfg, local)
     elastic = is_elastic(cfg.run)
     clear_records(run_dir)  # a new launch: the cause an earlier one ended on may be fixed
+    clear_stop_request(run_dir)  # a stop request belongs to the launch that made it
+    aside = set_aside_ray_snapshot(run_dir)
+    if aside is not None:
+        log.info(f"set aside Ray Train's checkpoint list {aside.name} (fr_train resumes from its own checkpoints; "
+                 "cluster/ray_state.py)")
     log.info("resolved config:\n" + cfg.to_json())
     size = f"{cfg.run.min_workers} to {placement.num_workers} workers (elastic)" if elastic else \
         f"{placement.num_workers} worker(s)"
@@ -185,27 +223,35 @@ def launch(cfg: TrainConfig) -> int:
             logging_config=LoggingConfig(log_level=cfg.run.ray_log_level),
         ),
     )
+    attempts_file = Path(tempfile.mkstemp(prefix=f"fr_train-{cfg.run.name}-attempts-")[1])
+    trainer.run_config.callbacks = [AttemptCounter(attempts_file)]
+
+    def on_force(signal_name: str) -> None:
+        log.info(f"second {signal_name}: stopping at once; {resume_point(run_dir)} and repeats the steps since")
+        force_exit(128 + int(signal.Signals[signal_name]))
+
     try:
-        result = trainer.fit()
-        error: BaseException | None = result.error
-    except Exception as exc:  # Ray 2.60 raises the run's failure (TrainingFailedError) from fit()
-        result, error = None, exc
-    if owns_ray:
-        # Ray forwards the workers' output to this process asynchronously: disconnect first, so that
-        # the run's last line below is the last line the user reads, not a late worker log line.
-        ray.shutdown()
+        outcome = fit_until_signal(trainer.fit, run_dir, on_force=on_force)
+    finally:
+        if owns_ray:
+            # Ray forwards the workers' output to this process asynchronously: disconnect first, so that
+            # the run's last line below is the last line the user reads, not a late worker log line.
+            ray.shutdown()
+    attempts = failed_attempts(attempts_file)
+    attempts_file.unlink(missing_ok=True)
+    error = outcome.error if outcome.error is not None else getattr(outcome.result, "error", None)
     fatal = read_fatal(run_dir)
-    if fatal is not None:  # an error no restart fixes: the workers stopped retrying
-        log.info(f"run {cfg.run.name} FAILED (not retried: a restart cannot fix it): {fatal['error']}")
+    if fatal is not None or error is not None or outcome.result is None:
+        log.info(failure_line(cfg.run.name, run_dir, error, attempts, cfg.run.max_failures, fatal))
         return 1
-    if error is not None or result is None:
-        log.info(f"run {cfg.run.name} FAILED after run.max_failures={cfg.run.max_failures} restarts: "
-                 f"{root_cause(error)}; the newest checkpoint in {run_dir / 'checkpoints'} is intact: run the same "
-                 "command to resume")
-        return 1
-    log.info(summarize_run(storage / cfg.run.name))
-    if result.checkpoint is not None:
-        log.info(f"Ray Train's latest checkpoint: {result.checkpoint.path}")
+    clear_stop_request(run_dir)
+    if outcome.signal_name is not None:
+        if run_finished(run_dir):  # the signal came after the last step: the run is complete
+            log.info(summarize_run(run_dir))
+        else:
+            log.info(f"run {cfg.run.name} stopped on {outcome.signal_name}: {resume_point(run_dir)}")
+        return outcome.exit_code
+    log.info(summarize_run(run_dir))
     return 0
 
 
@@ -221,34 +267,3 @@ def _worker_env(local: bool) -> dict[str, object]:
     if local:
         env["env_vars"] = {**dict(env.get("env_vars") or {}), "GLOO_SOCKET_IFNAME": "lo"}  # type: ignore[arg-type]
     return env
-
-
-def root_cause(error: BaseException | None) -> str:
-    """The innermost error's one line out of Ray's wrapping (the worker's traceback is in its log)."""
-    from cluster.failures import one_line
-
-    if error is None:
-        return "the run ended without a result"
-    text = [line.strip() for line in str(error).splitlines() if line.strip()]
-    raised = [line for line in text if ":" in line and line.split(":", 1)[0].split(".")[-1].endswith(("Error",
-                                                                                                    "Exception"))]
-    return raised[-1] if raised else one_line(error)
-
-
-def summarize_run(run_dir: Path) -> str:
-    """One line on how the run ended, from rank 0's JSON-lines log."""
-    from fr_train.train.records import LOG_NAME, read_events
-
-    log_path = run_dir / LOG_NAME
-    records = read_events(run_dir)
-    evals = [r for r in records if r.get("event") == "eval"]
-    end = next((r for r in reversed(records) if r.get("event") == "end"), None)
-    if end is None:
-        return f"run finished without an end record; see {log_path}"
-    parts = [f"finished {end['step']} steps; model in {end['final_dir']}"]
-    for name in dict.fromkeys(r["set"] for r in evals):
-        first = next(r for r in evals if r["set"] == name)
-        last = [r for r in evals if r["set"] == name][-1]
-        parts.append(f"{name}: accuracy {first['accuracy']:.4f} (step {first['step']}) -> "
-                     f"{last['accuracy']:.4f} (step {last['step']})")
-    return "; ".join(parts)

@@ -35,6 +35,11 @@ def sigterm_requested() -> bool:
     return _requested.is_set()
 
 
+def sigterm_reason() -> str | None:
+    """The Trainer's ``external_stop``: "SIGTERM" once one was deferred in this process, else None."""
+    return "SIGTERM" if _requested.is_set() else None
+
+
 @contextmanager
 def training_active(grace_s: float) -> Iterator[None]:
     """Marks a training loop as running in this process: SIGTERM is deferred to it meanwhile."""

@@ -58,7 +58,6 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     """Ray Train entry point: runs on every worker with torch.distributed already initialised."""
     import ray
     import ray.train
-    from ray.train import Checkpoint, CheckpointUploadMode
 
     printed_here_only()  # Ray's workers log the root logger to the console too: one line, not two
     cfg = TrainConfig.from_dict(loop_config["config"])
@@ -76,12 +75,12 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     os.environ.setdefault("LOCAL_RANK", str(ctx.get_local_rank()))
 
     def report(metrics: dict[str, Any], checkpoint: Path | None) -> None:
-        # The checkpoint is already committed under the run's storage path: Ray records it
-        # (Result.checkpoint, the run's checkpoint list) without copying it.
-        ray.train.report(metrics, checkpoint=None if checkpoint is None else Checkpoint(str(checkpoint)),
-                         checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
+        # Metrics only: a checkpoint handed to Ray lands in its snapshot, which goes stale once
+        # fr_train prunes (cluster/ray_state.py). The committed checkpoint's path is a metric.
+        ray.train.report(metrics if checkpoint is None else {**metrics, "checkpoint": str(checkpoint)})
 
-    from cluster.preemption import sigterm_requested, training_active
+    from cluster.driver_stop import StopRequestWatch, read_stop_request
+    from cluster.preemption import sigterm_reason, training_active
 
     try:
         runtime = ray.get_runtime_context()
@@ -91,7 +90,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         launch_id = f"{runtime.get_session_name()}/{runtime.get_job_id()}"
         trainer = Trainer(cfg, rank, world, device, report=report, job_id=runtime.get_job_id(),
                           preemption_notice=_ray_preemption_notice, launch_id=launch_id)
-        trainer.external_stop = sigterm_requested  # SIGTERM, deferred by cluster.preemption.defer_sigterm
+        driver_stop = StopRequestWatch(run_dir)  # Ctrl-C / SIGTERM to the driver (cluster/driver_stop.py)
+        # A SIGTERM to this worker (deferred by cluster.preemption.defer_sigterm), or the driver's request.
+        trainer.external_stop = lambda: sigterm_reason() or driver_stop()
         uninstall = stop_on_sigterm(trainer)  # when this runs on the main thread (no Ray Train thread)
         try:
             with training_active(cfg.checkpoint.sigterm_grace_s):
@@ -107,6 +108,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         if not is_retryable(exc, process_group_lost=group_lost):
             record_fatal(run_dir, exc, rank)
         raise
-    if st.step < trainer.total_steps:
+    if st.step < trainer.total_steps and read_stop_request(run_dir) is None:
+        # A SIGTERM to workers (not the driver's stop): Ray restarts them and they resume.
         raise StoppedEarly(f"run {cfg.run.name} stopped at step {st.step} of {trainer.total_steps} on SIGTERM; its "
                            "checkpoint is committed and the restarted workers resume from it")

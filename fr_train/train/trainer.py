@@ -79,7 +79,8 @@ class Trainer(CheckpointingMixin, RecordsMixin):
         self.precision = self.format.precision
         self.state = TrainState()
         self.stop_requested = False
-        self.external_stop: Callable[[], bool] = lambda: False  # e.g. a deferred SIGTERM (cluster.preemption)
+        # Why to stop now, from outside (a deferred SIGTERM, the driver's Ctrl-C: cluster/), else None.
+        self.external_stop: Callable[[], str | None] = lambda: None
         self._skip_batches = 0
         # Asked on every rank at the same steps (Ray's query is a barrier); returns a description of
         # the notice, the same on all ranks, or None.
@@ -304,9 +305,10 @@ class Trainer(CheckpointingMixin, RecordsMixin):
                     self._emit(record, progress)
                 if cfg.eval.every_steps and st.step % cfg.eval.every_steps == 0 and st.step < self.total_steps:
                     last_eval = self.evaluate()
-                if self.external_stop() and not self.stop_requested:
+                reason = None if self.stop_requested else self.external_stop()
+                if reason:
                     self.stop_requested = True
-                    log.info(f"rank {self.rank}: SIGTERM at step {st.step}: checkpointing this step on every "
+                    log.info(f"rank {self.rank}: {reason} at step {st.step}: checkpointing this step on every "
                              "rank, then stopping")
                 stopping, save_due = self._agree(self.stop_requested, self.save_policy.due(st.step))
                 self.stop_requested = stopping
