@@ -55,7 +55,7 @@ if TYPE_CHECKING:
 IMAGE_INDEX_NAME = "train_images.idx"
 META_NAME = "train_images.json"  # written last: its presence commits the other two files
 ARRAYS_NAME = "train_images.npz"
-_FORMAT = "fr_train.dali_index/1"
+_FORMAT = "fr_train.dali_index/2"  # 2: image signatures checked
 _STATE_FORMAT = "fr_train.dali_iterator/1"
 _LENGTH_MASK = (1 << 29) - 1
 _REPACK = "Re-pack the dataset with fr_pack (images first, then identity records)"
@@ -230,6 +230,51 @@ def _image_labels(ds: FaceRecordDataset, words: np.ndarray, keys: np.ndarray, of
     return labels
 
 
+# What a payload starts with, per format DALI decodes (PNM: "P1".."P6"; JPEG 2000: codestream or box).
+_SIGNATURES = (b"\xff\xd8", b"\x89PNG", b"BM", b"II*\x00", b"MM\x00*", b"RIFF", b"\xff\x4f\xff\x51",
+               b"\x00\x00\x00\x0cjP", *(b"P%d" % i for i in range(1, 7)))
+_JPEG_TAIL = 32  # bytes searched for JPEG's end marker (writers may pad after it)
+_PNG_END = b"IEND\xaeB`\x82"  # the IEND chunk's type and CRC: a PNG's last 8 bytes
+
+
+def _check_image_bytes(rec_path: Path, words: np.ndarray, keys: np.ndarray, offsets: np.ndarray,
+                      chunk: int = 1 << 20) -> None:
+    """Each single-part image record's payload starts with an image signature, and a JPEG or PNG ends
+    with its end marker. Catches truncated and overwritten records before a worker starts: DALI's
+    decoder fails on them mid-epoch without naming the record. (Damage inside a JPEG's entropy data
+    is concealed by every decoder, DALI's and PIL's alike; only ``fr_pack --verify`` finds what a full
+    decode rejects.) Vectorised in chunks of ``chunk`` records (bounded memory at 42M images); the
+    bytes read lie on the pages the record headers are on (a payload ends where the next record starts)."""
+    data = words.view(np.uint8)
+    last = len(data) - 1
+    fix = "Run `fr_pack --verify` on the dataset to list what else is damaged, then re-pack it from the source images"
+    for lo in range(0, len(offsets), chunk):
+        off = offsets[lo:lo + chunk]
+        o4 = off // 4
+        lrec = words[o4 + 1]
+        single = (lrec >> 29) == 0
+        start = off + 8 + IR_SIZE + 4 * words[o4 + 2].astype(np.int64)
+        end = off + 8 + (lrec & _LENGTH_MASK).astype(np.int64)  # one past the payload's last byte
+        head = data[np.minimum(start[:, None] + np.arange(8), last)]
+        known = np.zeros(len(off), dtype=bool)
+        for sig in _SIGNATURES:
+            known |= (end - start >= len(sig)) & np.all(head[:, :len(sig)] == np.frombuffer(sig, np.uint8), axis=1)
+        tail = data[np.clip(end[:, None] - _JPEG_TAIL + np.arange(_JPEG_TAIL), 0, last)]
+        jpeg = single & (head[:, 0] == 0xFF) & (head[:, 1] == 0xD8)
+        png = single & np.all(head[:, :4] == np.frombuffer(b"\x89PNG", np.uint8), axis=1)
+        has_eoi = ((tail[:, :-1] == 0xFF) & (tail[:, 1:] == 0xD9)).any(axis=1)
+        has_iend = np.all(tail[:, -8:] == np.frombuffer(_PNG_END, np.uint8), axis=1)
+        for bad, problem in (
+                (single & ~known, "payload is not an image DALI decodes (it starts with bytes {first})"),
+                ((jpeg & ~has_eoi) | (png & ~has_iend),
+                 "payload of {size} bytes has no end marker: the image is truncated or overwritten")):
+            if bad.any():
+                i = int(np.argmax(bad))
+                first = bytes(data[int(start[i]):int(min(start[i] + 8, end[i]))]).hex(" ") or "none"
+                raise data_error(rec_path, f"image key {int(keys[lo + i])} (byte offset {int(off[i])})",
+                                 problem.format(first=first, size=int(end[i] - start[i])), fix)
+
+
 def _scan(dataset_dir: Path) -> tuple[dict[str, Any], np.ndarray, np.ndarray, np.ndarray]:
     """Validate what DALI will read and return (metadata, keys, offsets, labels) of the images by offset."""
     with open_dataset(dataset_dir) as ds:
@@ -242,6 +287,7 @@ def _scan(dataset_dir: Path) -> tuple[dict[str, Any], np.ndarray, np.ndarray, np
         n_img, tail = _check_tiling(ds.rec_path, size, words, keys[first:], offsets[first:], is_image[first:])
         keys, offsets = keys[first:first + n_img].copy(), offsets[first:first + n_img].copy()
         labels = _image_labels(ds, words, keys, offsets)
+        _check_image_bytes(ds.rec_path, words, keys, offsets)
         del words
         meta = {
             "format": _FORMAT,

@@ -238,6 +238,25 @@ def list_identity_folders(src_dir: Path) -> tuple[list[tuple[int, Path]], list[s
     return tasks, names, hidden
 
 
+_HIGH_DEPTH_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})  # 16-bit grayscale as PIL opens it
+
+
+def to_8_bits(image: Image.Image, path: Path) -> Image.Image:
+    """A 16-bit grayscale image scaled to 8 bits (v / 257, rounded: 65535 → 255). PIL's own
+    ``convert("RGB")`` clips such values at 255 instead, turning a 16-bit PNG near-white (issue 28:
+    source mean 127.5, stored 254.4). 16-bit RGB PNGs PIL already opens as 8-bit ``RGB``. Floating-point
+    images have no agreed range and are refused."""
+    if image.mode in _HIGH_DEPTH_MODES:
+        values = np.asarray(image, dtype=np.float64)
+        if values.min() < 0 or values.max() > 65535:
+            raise data_error(path, "", f"{image.mode} image has values outside 0..65535", "Save it as 8- or 16-bit")
+        return Image.fromarray(np.rint(values / 257.0).astype(np.uint8), mode="L")
+    if image.mode == "F":
+        raise data_error(path, "", "floating-point image (PIL mode F): its value range is unknown",
+                         "Convert it to an 8-bit JPEG or PNG first")
+    return image
+
+
 def load_face_image(path: Path, label: int, options: PackOptions) -> tuple[int, bytes]:
     """Read, fully decode and size-check one image; returns (label, JPEG/PNG bytes to store).
 
@@ -258,7 +277,7 @@ def load_face_image(path: Path, label: int, options: PackOptions) -> tuple[int, 
             if fmt == "JPEG" and mode == "RGB" and size == (width, height):
                 return label, raw
             buffer = io.BytesIO()
-            image.convert("RGB").save(buffer, format="JPEG", quality=options.quality)
+            to_8_bits(image, path).convert("RGB").save(buffer, format="JPEG", quality=options.quality)
             return label, buffer.getvalue()
     except DataFormatError:
         raise
@@ -321,10 +340,14 @@ def _check_images(args: tuple[str, np.ndarray]) -> np.ndarray:
                 probe.verify()
             with Image.open(io.BytesIO(image)) as decoded:
                 decoded.load()
-                fmt, size = decoded.format, decoded.size
+                fmt, size, mode = decoded.format, decoded.size, decoded.mode
         except Exception as exc:  # PIL raises many types for garbage input; all mean "not an image"
             raise data_error(dataset.rec_path, where, f"payload is not a decodable image ({type(exc).__name__}: {exc})",
                              "DALI's decoder would fail on it; remove the record and re-pack the dataset") from None
+        if mode in _HIGH_DEPTH_MODES or mode == "F":
+            raise data_error(dataset.rec_path, where, f"image is {mode} (more than 8 bits per sample): DALI's RGB decode "
+                             "does not scale it as fr_pack does", "Re-pack the source images with fr_pack (it scales "
+                             "16-bit images to 8 bits)")
         if fmt not in _DALI_FORMATS:
             raise data_error(dataset.rec_path, where, f"image format {fmt} is not one DALI decodes",
                              "Re-encode it as JPEG and re-pack the dataset")

@@ -11,6 +11,7 @@ import io
 import json
 import math
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -310,9 +311,30 @@ def test_decoded_size_different_from_property_is_an_error_unless_resize(tmp_path
     assert next(iter(resized)).images.shape == (3, 3, SIZE, SIZE)
 
 
+@pytest.mark.parametrize(("at", "garble", "problem"), [
+    (-2, b"\x00\x00", "payload of {n} bytes has no end marker: the image is truncated or overwritten"),
+    (0, b"GIF89a", "payload is not an image DALI decodes (it starts with bytes 47 49 46 38 39 61"),
+])
+def test_a_garbled_record_is_refused_at_open_naming_its_key(tmp_path: Path, at: int, garble: bytes,
+                                                             problem: str) -> None:
+    """Bytes overwritten inside the .rec: before any worker starts, not mid-epoch in DALI's decoder (which
+    does not name the record)."""
+    directory = write_insightface_dataset(tmp_path / "ds", samples()[:12], 2, (SIZE, SIZE))
+    with open_dataset(directory) as ds:
+        offset, (_, payload) = ds.reader.offset(6), ds.read_image(6)
+    with open(directory / "train.rec", "r+b") as f:  # the payload follows the record and IRHeader heads
+        f.seek(offset + 8 + 24 + (at % len(payload)))
+        f.write(garble)
+    expected = re.escape(problem.format(n=len(payload)))
+    with pytest.raises(DataFormatError, match=rf"train\.rec: image key 6 \(byte offset {offset}\): {expected}.*"
+                       r"fr_pack --verify"):
+        prepare_dali_index(directory)
+
+
 def test_undecodable_image_fails_with_a_pointer_to_the_verifier(tmp_path: Path) -> None:
+    """Signature and end marker intact, the inside garbage: only a decode finds it."""
     images = samples()[:12]
-    images[5] = (images[5][0], b"\xff\xd8\xff" + b"not a jpeg" * 8)
+    images[5] = (images[5][0], b"\xff\xd8\xff" + b"not a jpeg" * 8 + b"\xff\xd9")
     directory = write_insightface_dataset(tmp_path / "ds", images, 2, (SIZE, SIZE))
     it = DaliFaceIterator(directory, config(batch_size=4, random_shuffle=False), rank=0, world_size=1)
     with pytest.raises(RuntimeError, match=r"train\.rec: the DALI pipeline of rank 0 failed .*fr_pack --verify"):

@@ -8,10 +8,12 @@ import sys
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from data_pipeline.dataset import open_dataset
+from data_pipeline.errors import DataFormatError
 from data_pipeline.pack import main, verify_dataset, write_insightface_dataset
 from data_pipeline.recordio import IRHeader, RecordWriter, pack_record
 from tests.rec_fixtures import identity_folders, insightface_dataset, jpeg_bytes, png_bytes
@@ -186,3 +188,32 @@ def test_errors_raised_by_prepare_dali_index_are_not_swallowed(tmp_path: Path, m
     monkeypatch.setitem(sys.modules, "data_pipeline.dali", dali)
     with pytest.raises(ImportError, match="is broken"):
         write_insightface_dataset(tmp_path, [(0, jpeg_bytes(0))], 1, (16, 16))
+
+
+def _gray16_png(values: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(values.astype(np.uint16)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_a_16_bit_png_is_scaled_to_8_bits_not_clipped_white(tmp_path: Path) -> None:
+    """PIL's convert("RGB") clips 16-bit values at 255 (a mid-gray 16-bit PNG became near-white,
+    mean 254.4); fr_pack scales by 1/257."""
+    ramp = np.linspace(0, 65535, 16 * 16).reshape(16, 16)
+    src = identity_folders(tmp_path / "src", [1, 1])
+    (src / "id_01" / "deep.png").write_bytes(_gray16_png(ramp))
+    out = tmp_path / "out"
+    assert main([str(src), str(out), "--image-size", "16", "16", "--no-progress"]) == 0
+    with open_dataset(out) as dataset:
+        _, stored = dataset.read_image(2)  # key 1: id_00/img_00.jpg; id_01/deep.png sorts before img_00.jpg
+    with Image.open(io.BytesIO(stored)) as image:
+        pixels = np.asarray(image.convert("L"), dtype=np.float64)
+    assert abs(pixels.mean() - ramp.mean() / 257) < 2.0 and pixels.max() > 240 and pixels.min() < 15
+    assert verify_dataset(out)["images"] == 3
+
+
+def test_verify_refuses_a_16_bit_image_another_tool_packed(tmp_path: Path) -> None:
+    samples = [(0, jpeg_bytes(1)), (1, _gray16_png(np.full((16, 16), 32768)))]
+    write_insightface_dataset(tmp_path / "ds", samples, 2, (16, 16))
+    with pytest.raises(DataFormatError, match=r"train\.rec: key 2 \(byte offset \d+\): image is I;16 \(more than 8 bits per sample\).*fr_pack"):
+        verify_dataset(tmp_path / "ds")
