@@ -553,8 +553,8 @@ class DaliFaceIterator:
         self._len = self._dali_batches if config.last_batch == "pad" else (n // w) // b
         if self._len == 0:
             raise ValueError(f"{self.index.index_path}: with last_batch='drop' each of {w} ranks has at least "
-                             f"{n // w} images, fewer than batch_size={b}: an epoch would be empty. Use a smaller "
-                             "batch, fewer ranks or last_batch='pad'")
+                             f"{n // w} images, fewer than batch_size={b}: an epoch would be empty. Use batch_size <= "
+                             f"{n // w} or fewer ranks (fr_train: data.batch_size, --num-workers)")
         if self.index.labels_sorted and config.random_shuffle and config.initial_fill < math.ceil(n / w):
             warnings.warn(f"{self.index.rec_path} is sorted by label and DALI shuffles only inside a window of "
                           f"initial_fill={config.initial_fill} of the {math.ceil(n / w)} samples per shard: batches "
@@ -633,7 +633,7 @@ class DaliFaceIterator:
             f"{self.index.rec_path}: the DALI pipeline of rank {self.rank} failed in epoch {self.epoch}, batch "
             f"{self._batch} ({cause}). DALI does not report which record; run `fr_pack --verify "
             f"{self.index.rec_path.parent}` to find the broken image, then replace it and re-pack. The iterator is "
-            "unusable now; build a new one.")
+            "unusable now.")
 
     def _source_offset(self, source_info: str) -> int:
         """Byte offset of a sample from DALI's source_info ("<rec path> at index <offset>")."""
@@ -656,7 +656,8 @@ class DaliFaceIterator:
             if tuple(shape) != (3, height, width):
                 raise data_error(self.index.rec_path, f"image key {int(keys[i])} (byte offset {int(offsets[i])})",
                                  f"decoded image is {shape[2]}x{shape[1]} (WxH) but the property file says "
-                                 f"{width}x{height}", "Set DaliConfig.resize=True or re-pack the dataset at that size")
+                                 f"{width}x{height}", f"Re-pack the source images at {width}x{height} (fr_pack --image-size {height} {width} --resize), "
+                                 "or correct the property file if its size is wrong")
         labels = np.asarray(labels_tl.as_tensor()).astype(np.int64, copy=False).reshape(-1)
         expected = self.index.labels[np.searchsorted(self.index.offsets, offsets)]
         if not np.array_equal(labels, expected):
@@ -694,7 +695,8 @@ class DaliFaceIterator:
         if diff:
             detail = ", ".join(f"{k}: saved {a!r} vs now {b!r}" for k, (a, b) in diff.items())
             raise ValueError(f"cannot resume the DALI reader mid-epoch: {detail}. Resume with the same dataset, "
-                             "config, rank and world size, or start a fresh iterator")
+                             "batch size, seed, rank and world size as the saved run (fr_train: the same --data, "
+                             "data.batch_size, run.seed and --num-workers)")
         self._pipe = self._build(bytes(state["dali_checkpoint"]))
         self.epoch, self._batch, self._dali_done = int(state["epoch"]), int(state["batch"]), int(state["dali_batches"])
 

@@ -178,7 +178,8 @@ class ScheduledFaceIterator:
         shapes = {tuple(s) for s in images_tl.shape()}
         if shapes != {(3, height, width)}:
             raise RuntimeError(f"{self.index.rec_path}: decoded images of shapes {sorted(shapes)}, the property file "
-                               f"says 3x{height}x{width}: set DaliConfig.resize=True or re-pack at that size")
+                               f"says 3x{height}x{width}: re-pack the source images at that size (fr_pack --image-size "
+                               f"{height} {width} --resize), or correct the property file if its size is wrong")
         device = self.device
         dtype = torch.float16 if self.config.dtype == "float16" else torch.float32
         images = torch.empty((self.config.batch_size, 3, height, width), dtype=dtype, device=device)

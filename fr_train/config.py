@@ -355,6 +355,25 @@ def parse_value(cfg: TrainConfig, key: str, raw: str) -> Any:
     return _coerce(_field_type(owner, name), raw, key)
 
 
+def _split_list(raw: str, key: str) -> list[Any]:
+    """A list from the command line: ``a,b``, or bracketed as in TOML (``[1, 2]``, ``["lfw", "agedb"]``,
+    ``[lfw, agedb]``). Brackets used to become part of the first and last items (``["[1", "2]"]``)."""
+    text = raw.strip()
+    if text.startswith("[") != text.endswith("]"):
+        raise ConfigError(f"{key}: {raw!r} has an unmatched bracket; write a,b or [a, b]")
+    if text.startswith("["):
+        try:
+            parsed = tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            text = text[1:-1]  # unquoted words: [lfw, agedb]
+        else:
+            return list(parsed)
+    items = [v.strip().strip("\"'") for v in text.split(",")]
+    if any("[" in v or "]" in v for v in items):
+        raise ConfigError(f"{key}: {raw!r} is not a list of values; write a,b or [a, b]")
+    return [v for v in items if v]
+
+
 def _coerce(tp: Any, value: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
@@ -378,7 +397,7 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     if origin is list:
         (item_tp,) = args
         if isinstance(value, str):
-            value = [v for v in (s.strip() for s in value.split(",")) if v]
+            value = _split_list(value, key)
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         return [_coerce(item_tp, v, key) for v in value]

@@ -134,6 +134,11 @@ def validate(cfg: TrainConfig) -> None:
     _check(cfg.backbone.embedding_size > 0, "backbone.embedding_size", "must be > 0")
     _check(0.0 <= cfg.backbone.dropout < 1.0, "backbone.dropout", "must be in [0, 1)")
     _check(cfg.data.batch_size > 0, "data.batch_size", "must be > 0")
+    # Every backbone normalises with BatchNorm, which in training needs two samples per channel (torch:
+    # "Expected more than 1 value per channel when training"), unless it runs on its running statistics.
+    _check(cfg.data.batch_size >= 2 or cfg.backbone.freeze_bn, "data.batch_size",
+           "must be >= 2 images per rank: BatchNorm has no batch statistics of one image; or set "
+           "backbone.freeze_bn=true (BatchNorm on its running statistics)", cfg.data.batch_size)
     _check(cfg.data.num_threads > 0, "data.num_threads", "must be > 0")
     _check(cfg.data.pk_images_per_identity >= 2, "data.pk_images_per_identity", "must be >= 2 (a positive pair)")
     _check(cfg.data.shuffle_buffer >= 0, "data.shuffle_buffer", "must be >= 0")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from cluster.cli import main
@@ -163,3 +165,26 @@ def test_lr_schedule_warms_up_then_decays_to_zero():
     s = PolySchedule(base_lr=0.4, total_steps=10, warmup_steps=2, power=1.0)
     assert [round(s.lr(i), 6) for i in range(11)] == [0.2, 0.4, 0.4, 0.35, 0.3, 0.25, 0.2, 0.15, 0.1, 0.05, 0.0]
     assert scaled_lr(0.1, 256, 1024) == pytest.approx(0.025)
+
+
+@pytest.mark.parametrize("raw", ["lfw,cfp_fp", "[lfw, cfp_fp]", '["lfw", "cfp_fp"]', " [ lfw,cfp_fp ] "])
+def test_a_list_key_takes_commas_or_toml_brackets(raw: str) -> None:
+    assert build_config("r18", "arcface", overrides=[f"eval.sets={raw}"]).eval.sets == ["lfw", "cfp_fp"]
+
+
+@pytest.mark.parametrize(("raw", "problem"), [
+    ("[1,2]", "eval.sets: expected a string, got 1"),  # was ["[1", "2]"]
+    ("[lfw", "eval.sets: '[lfw' has an unmatched bracket"),
+    ("[[lfw]]", "eval.sets: '[[lfw]]' is not a list of values"),
+])
+def test_a_malformed_list_is_refused_naming_the_key(raw: str, problem: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(problem)):
+        build_config("r18", "arcface", overrides=[f"eval.sets={raw}"])
+
+
+def test_one_image_per_rank_is_refused_unless_batchnorm_is_frozen() -> None:
+    """torch's "Expected more than 1 value per channel when training" came from a worker, naming no key."""
+    with pytest.raises(ConfigError, match=r"data.batch_size: must be >= 2 images per rank.*backbone.freeze_bn=true "
+                                          r".*\(got 1\)"):
+        build_config("mbf", "arcface", overrides=["data.batch_size=1"])
+    assert build_config("mbf", "arcface", overrides=["data.batch_size=1", "backbone.freeze_bn=true"]).data.batch_size == 1

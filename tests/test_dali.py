@@ -305,7 +305,7 @@ def test_decoded_size_different_from_property_is_an_error_unless_resize(tmp_path
     images = [(c, noise_jpeg(rng, size=24)) for c in range(3) for _ in range(3)]
     directory = write_insightface_dataset(tmp_path / "ds", images, 3, (SIZE, SIZE))
     it = DaliFaceIterator(directory, config(batch_size=3, initial_fill=1000), rank=0, world_size=1)
-    with pytest.raises(DataFormatError, match=r"image key \d+ \(byte offset \d+\).*24x24 .*32x32.*resize=True"):
+    with pytest.raises(DataFormatError, match=r"image key \d+ \(byte offset \d+\).*24x24 .*32x32.*fr_pack --image-size 32 32 --resize"):
         next(iter(it))
     resized = DaliFaceIterator(directory, config(batch_size=3, initial_fill=1000, resize=True), rank=0, world_size=1)
     assert next(iter(resized)).images.shape == (3, 3, SIZE, SIZE)
