@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 import os
 import signal
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,6 +148,7 @@ def launch(cfg: TrainConfig) -> int:
     from cluster.driver_stop import clear_stop_request, fit_until_signal, force_exit
     from cluster.failures import clear_records, read_fatal
     from cluster.outcome import (
+        ATTEMPTS_NAME,
         AttemptCounter,
         failed_attempts,
         failure_line,
@@ -189,6 +189,7 @@ def launch(cfg: TrainConfig) -> int:
     elastic = is_elastic(cfg.run)
     clear_records(run_dir)  # a new launch: the cause an earlier one ended on may be fixed
     clear_stop_request(run_dir)  # a stop request belongs to the launch that made it
+    (run_dir / ATTEMPTS_NAME).unlink(missing_ok=True)  # and the failed attempts counted
     aside = set_aside_ray_snapshot(run_dir)
     if aside is not None:
         log.info(f"set aside Ray Train's checkpoint list {aside.name} (fr_train resumes from its own checkpoints; "
@@ -223,7 +224,8 @@ def launch(cfg: TrainConfig) -> int:
             logging_config=LoggingConfig(log_level=cfg.run.ray_log_level),
         ),
     )
-    attempts_file = Path(tempfile.mkstemp(prefix=f"fr_train-{cfg.run.name}-attempts-")[1])
+    # In the run directory: Ray's controller may run on another node; the storage is shared by all.
+    attempts_file = run_dir / ATTEMPTS_NAME
     trainer.run_config.callbacks = [AttemptCounter(attempts_file)]
 
     def on_force(signal_name: str) -> None:
@@ -238,7 +240,6 @@ def launch(cfg: TrainConfig) -> int:
             # the run's last line below is the last line the user reads, not a late worker log line.
             ray.shutdown()
     attempts = failed_attempts(attempts_file)
-    attempts_file.unlink(missing_ok=True)
     error = outcome.error if outcome.error is not None else getattr(outcome.result, "error", None)
     fatal = read_fatal(run_dir)
     if fatal is not None or error is not None or outcome.result is None:

@@ -20,10 +20,12 @@ from cluster.failures import one_line
 from fr_train.checkpointing.loading import survey_checkpoints
 from fr_train.checkpointing.rundir import CHECKPOINTS_DIR
 
+ATTEMPTS_NAME = "failed_attempts.jsonl"  # in the run directory, this launch's; cleared at the next
+
 
 class AttemptCounter(UserCallback):
-    """Appends one line per failed attempt of the worker group to a file on the driver's machine.
-    Ray Train calls it in its controller actor, which Ray places on the driver's node."""
+    """Appends one line per failed attempt of the worker group to ``path`` (in the run directory: Ray
+    Train calls it in its controller actor, which may run on another node than the driver)."""
 
     def __init__(self, path: Path) -> None:
         self.path = str(path)

@@ -18,6 +18,7 @@ import pytest
 
 from cluster.failures import clear_records, is_retryable, nonfinite_again, read_fatal, record_fatal
 from cluster.launch import Placement, placeable_workers
+from cluster.outcome import ATTEMPTS_NAME, failed_attempts
 from fr_train.config import ConfigError
 from tests.test_gpu_configuration_on_cpu import TINY
 from tests.test_train_e2e import _env
@@ -136,4 +137,6 @@ def test_a_nan_loss_at_the_same_step_twice_fails_once_with_one_line(
     log = tmp_path / "runs" / "nan" / "train_log.jsonl"
     starts = [r for r in map(json.loads, log.read_text().splitlines()) if r.get("event") == "start"]
     assert len(starts) == 2  # the first attempt and one restart: then not retried
+    # Ray Train called fr_train's AttemptCounter for each failed attempt (the failure line's count)
+    assert failed_attempts(tmp_path / "runs" / "nan" / ATTEMPTS_NAME) == 2
     print(f"\nfailed in {seconds:.1f} s with: {last}")

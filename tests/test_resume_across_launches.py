@@ -24,7 +24,7 @@ import pytest
 from cluster.driver_stop import StopRequestWatch, clear_stop_request, read_stop_request, request_stop
 from cluster.failures import is_retryable
 from cluster.launch import StorageError, check_storage_writable
-from cluster.outcome import failure_line
+from cluster.outcome import ATTEMPTS_NAME, AttemptCounter, failed_attempts, failure_line
 from cluster.ray_state import RAY_SNAPSHOT, set_aside_ray_snapshot
 from fr_train.checkpointing.rundir import CHECKPOINTS_DIR
 from tests.test_faults import BIN
@@ -72,6 +72,15 @@ def test_a_storage_that_cannot_be_written_is_refused_before_anything_starts(tmp_
     assert a_file.read_text() == "mine"
     check_storage_writable(tmp_path / "new" / "runs", tmp_path / "new" / "runs" / "r")  # parents are made
     assert list((tmp_path / "new" / "runs" / "r").iterdir()) == []  # the probe is gone
+
+
+def test_attempts_are_counted_one_line_each(tmp_path: Path) -> None:
+    counter = AttemptCounter(tmp_path / ATTEMPTS_NAME)
+    assert failed_attempts(tmp_path / ATTEMPTS_NAME) == 0  # none yet: no file
+    counter.after_exception(None, {1: RuntimeError("NCCL error"), 0: RuntimeError("peer gone")})
+    counter.after_exception(None, {0: OSError(28, "No space left on device")})
+    lines = (tmp_path / ATTEMPTS_NAME).read_text().splitlines()
+    assert failed_attempts(tmp_path / ATTEMPTS_NAME) == 2 and json.loads(lines[0])["ranks"] == [0, 1]
 
 
 def test_the_failure_line_counts_attempts_and_names_what_a_resume_would_do(tmp_path: Path) -> None:
