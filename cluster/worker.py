@@ -54,6 +54,18 @@ def _ray_preemption_notice() -> str | None:
     return f"node(s) {', '.join(n[:12] for n in info.preempted_node_ids)} (ranks {info.preempted_ranks}), {deadline}"
 
 
+def _ray_train_reports_at(level: str) -> None:
+    """Ray Train (2.60) logs "Reporting training result N: TrainingReport(...)" at INFO for every
+    report, through a logger named by its file's path (``logging.getLogger(__file__)``), which its
+    ``LoggingConfig`` (the ``ray.train`` logger) does not reach: one console line per logged step
+    beside fr_train's own. That logger gets ``run.ray_log_level`` here (INFO brings the lines back)."""
+    import logging
+
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(level)
+
+
 def train_loop(loop_config: dict[str, Any]) -> None:
     """Ray Train entry point: runs on every worker with torch.distributed already initialised."""
     import ray
@@ -61,6 +73,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 
     printed_here_only()  # Ray's workers log the root logger to the console too: one line, not two
     cfg = TrainConfig.from_dict(loop_config["config"])
+    _ray_train_reports_at(cfg.run.ray_log_level)
     run_dir = Path(cfg.run.storage).expanduser() / cfg.run.name
     if read_fatal(run_dir) is not None:
         return  # an earlier attempt met an error no restart fixes: end here; the driver reports it

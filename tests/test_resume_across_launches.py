@@ -197,6 +197,7 @@ def test_a_pruned_stopped_or_killed_run_resumes_in_the_next_launch(
                                   f"checkpoint {run_dir / CHECKPOINTS_DIR / f'step_{stop_step:09d}'} (step {stop_step})")
     assert (run_dir / (RAY_SNAPSHOT + ".set-aside")).read_bytes() == b""  # set aside, named in the log
     assert "set aside Ray Train's checkpoint list" in out
+    assert "Reporting training result" not in out  # Ray Train's per-report line (issue 25), at run.ray_log_level
 
     # 3. The same command resumes at the stop step exactly (no step trained twice); garbage in Ray's
     # snapshot does not matter; then the driver is SIGKILLed, as a crash or a lost head node does.
