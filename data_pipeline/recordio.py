@@ -14,6 +14,7 @@ The payload of an image record is an ``IRHeader`` (``<IfQQ``: flag, label, id, i
 
 from __future__ import annotations
 
+import itertools
 import mmap
 import operator
 import struct
@@ -154,6 +155,57 @@ def class_label(header: IRHeader, *, path: str | Path = "<payload>", where: str 
     return int(value)
 
 
+_POW10 = 10 ** np.arange(18, dtype=np.int64)
+_CHUNK_BYTES = 1 << 21  # text parsed per step: its temporaries stay near 80 MB at any index size
+
+
+def _parse_canonical_index(data: np.ndarray) -> np.ndarray | None:
+    """``(N, 2)`` int64 from an index whose every line is ``<digits>\t<digits>\n`` (what MXNet and
+    fr_pack write), parsed with array operations in chunks of whole lines; None for anything else
+    (then the string parser names the bad line). Why: splitting the text into Python strings cost
+    ~140 bytes and 0.7 µs per line (issue 23: ~6 GB per rank at WebFace42M's 44.5M lines). ``data``
+    may be a memory map: only the result (16 bytes per line) and one chunk's temporaries are private."""
+    if data.size == 0 or data[-1] != 10:
+        return None
+    bounds = [0]
+    while bounds[-1] < data.size:  # chunks of whole lines
+        lo, hi = bounds[-1], min(bounds[-1] + _CHUNK_BYTES, data.size)
+        if hi < data.size:
+            back = np.flatnonzero(data[lo:hi] == 10)
+            if back.size == 0:
+                return None  # a line longer than a chunk is no canonical line
+            hi = lo + int(back[-1]) + 1
+        bounds.append(hi)
+    lines = [int(np.count_nonzero(data[lo:hi] == 10)) for lo, hi in itertools.pairwise(bounds)]
+    out = np.empty((sum(lines), 2), dtype=np.int64)
+    row = 0
+    for (lo, hi), n in zip(itertools.pairwise(bounds), lines, strict=True):
+        if not _parse_chunk(np.asarray(data[lo:hi]), out[row:row + n]):
+            return None
+        row += n
+    return out
+
+
+def _parse_chunk(chunk: np.ndarray, out: np.ndarray) -> bool:
+    """Parse whole canonical lines into ``out`` (one row per line); False if a line is not canonical."""
+    is_tab, is_nl = chunk == 9, chunk == 10
+    is_digit = (chunk >= 48) & (chunk <= 57)
+    if not np.all(is_digit | is_tab | is_nl):
+        return False
+    sep = np.flatnonzero(is_tab | is_nl)  # field ends, alternating tab / newline on a canonical index
+    if sep.size != 2 * len(out) or not (np.all(is_tab[sep[0::2]]) and np.all(is_nl[sep[1::2]])):
+        return False
+    starts = np.concatenate(([0], sep[:-1] + 1))
+    width = sep - starts
+    if width.min() < 1 or width.max() > 18:  # an empty field, or one that may not fit int64
+        return False
+    digits = np.flatnonzero(is_digit)
+    field = np.repeat(np.arange(sep.size), width)  # the field each digit belongs to, in order
+    contrib = (chunk[digits].astype(np.int64) - 48) * _POW10[sep[field] - digits - 1]  # d · 10^(place)
+    out[:] = np.add.reduceat(contrib, starts - np.arange(sep.size)).reshape(-1, 2)
+    return True
+
+
 def read_index(idx_path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """Parse an MXNet ``.idx`` (``key<TAB>offset`` lines) into int64 ``(keys, offsets)`` in file order.
 
@@ -161,10 +213,21 @@ def read_index(idx_path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """
     idx_path = Path(idx_path)
     try:
-        text = idx_path.read_text(encoding="ascii")
+        size = idx_path.stat().st_size
+        raw = np.memmap(idx_path, dtype=np.uint8, mode="r") if size else np.zeros(0, dtype=np.uint8)
     except FileNotFoundError:
         raise data_error(idx_path, "", "index file not found",
                          "Pass the .idx written with the .rec (fr_pack writes train.idx next to train.rec)") from None
+    values = _parse_canonical_index(raw)
+    if values is None:
+        values = _parse_index_text(idx_path, raw)
+    return _checked_columns(idx_path, values)
+
+
+def _parse_index_text(idx_path: Path, raw: np.ndarray) -> np.ndarray:
+    """Any other index (CRLF lines, spaces, a bad line): Python's string parser, naming the first bad line."""
+    try:
+        text = raw.tobytes().decode("ascii")
     except UnicodeDecodeError as exc:
         raise data_error(idx_path, f"byte offset {exc.start}", "index file is not ASCII text",
                          "An .idx holds 'key<TAB>offset' lines; " + _REPACK_TAIL) from None
@@ -185,6 +248,10 @@ def read_index(idx_path: str | Path) -> tuple[np.ndarray, np.ndarray]:
                 raise data_error(idx_path, f"line {number}", f"expected 'key<TAB>offset' (two integers), got {line!r}",
                                  _REPACK_HINT)
         raise data_error(idx_path, "", "index could not be parsed as 'key<TAB>offset' lines", _REPACK_HINT)
+    return values
+
+
+def _checked_columns(idx_path: Path, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     keys = np.ascontiguousarray(values[:, 0])
     offsets = np.ascontiguousarray(values[:, 1])
     for name, column in (("key", keys), ("offset", offsets)):
