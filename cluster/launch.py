@@ -124,18 +124,21 @@ class StorageError(ValueError):
 
 
 def check_storage_writable(storage: Path, run_dir: Path) -> None:
-    """Write and remove a probe file in the run directory before anything starts: a read-only or
-    full storage otherwise surfaces as a worker's failed checkpoint, after the first steps."""
-    probe = run_dir / f".write-probe-{os.getpid()}"
+    """Write and remove a probe file in the run directory (in the storage when the run has none yet:
+    a refused launch leaves no directory behind) before anything starts: a read-only or full storage
+    otherwise surfaces as a worker's failed checkpoint, after the first steps."""
+    where = run_dir if run_dir.is_dir() else storage
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        storage.mkdir(parents=True, exist_ok=True)
+        probe = where / f".fr_train-write-probe-{os.getpid()}"
         probe.write_bytes(b"fr_train")
         probe.unlink()
     except OSError as exc:
         why = {errno.EROFS: "is read-only", errno.ENOSPC: "is full", errno.EDQUOT: "is over its quota",
-               errno.EACCES: "is not writable by this user", errno.ENOTDIR: "is not a directory"}.get(
+               errno.EACCES: "is not writable by this user", errno.ENOTDIR: "is not a directory",
+               errno.EEXIST: "is not a directory"}.get(
             exc.errno or 0, f"cannot be written ({exc.strerror or exc})")
-        raise StorageError(f"run.storage={storage}: {run_dir} {why} ({type(exc).__name__}: {exc}). Pass --storage "
+        raise StorageError(f"run.storage={storage}: {where} {why} ({type(exc).__name__}: {exc}). Pass --storage "
                            "a directory this user can write on every node, with room for the checkpoints") from None
 
 
@@ -167,8 +170,8 @@ def launch(cfg: TrainConfig) -> int:
     # Before anything else: a run name owns its directory (resume it, --overwrite it, or another
     # --name); the checkpoint it would resume from is checked here, on the driver (manifests and
     # sizes: rank 0 hashes every file before loading, and a large head's checkpoint is GBs).
-    check_storage_writable(storage, run_dir)
     check_run_directory(run_dir, cfg, hash_files=False)
+    check_storage_writable(storage, run_dir)
     data_dir = prepare_data(cfg)
     cfg.data.path = str(data_dir)
 

@@ -71,7 +71,7 @@ def test_a_storage_that_cannot_be_written_is_refused_before_anything_starts(tmp_
         check_storage_writable(a_file, a_file / "r")
     assert a_file.read_text() == "mine"
     check_storage_writable(tmp_path / "new" / "runs", tmp_path / "new" / "runs" / "r")  # parents are made
-    assert list((tmp_path / "new" / "runs" / "r").iterdir()) == []  # the probe is gone
+    assert list((tmp_path / "new" / "runs").iterdir()) == []  # the probe is gone; no run directory yet
 
 
 def test_attempts_are_counted_one_line_each(tmp_path: Path) -> None:
