@@ -16,12 +16,19 @@ import json
 import os
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from cluster.driver_stop import StopRequestWatch, clear_stop_request, read_stop_request, request_stop
+from cluster.driver_stop import (
+    StopRequestWatch,
+    clear_stop_request,
+    fit_until_signal,
+    read_stop_request,
+    request_stop,
+)
 from cluster.failures import is_retryable
 from cluster.launch import StorageError, check_storage_writable
 from cluster.outcome import ATTEMPTS_NAME, AttemptCounter, failed_attempts, failure_line
@@ -56,6 +63,44 @@ def test_a_stop_request_reaches_a_worker_once_and_belongs_to_one_launch(tmp_path
     assert slow() is None
     request_stop(tmp_path, "SIGTERM")
     assert slow() is None  # read at most once per interval (the file may lie on network storage)
+
+
+def _signal_me_after(delays: list[float], signum: int) -> threading.Thread:
+    def send() -> None:
+        for delay in delays:
+            time.sleep(delay)
+            os.kill(os.getpid(), signum)
+    thread = threading.Thread(target=send, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_the_first_signal_to_the_driver_asks_the_workers_to_stop(tmp_path: Path) -> None:
+    """``fit`` stands in for Ray Train's: it ends once it sees the stop request, as the workers do."""
+    def fit() -> str:
+        while read_stop_request(tmp_path) is None:
+            time.sleep(0.05)
+        return "result"
+
+    _signal_me_after([0.3], signal.SIGINT)
+    outcome = fit_until_signal(fit, tmp_path, on_force=lambda name: pytest.fail("one signal must not force"))
+    assert (outcome.result, outcome.error, outcome.signal_name, outcome.exit_code) == ("result", None, "SIGINT", 130)
+    assert read_stop_request(tmp_path)["signal"] == "SIGINT"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the previous handlers are back
+
+
+def test_a_second_signal_stops_at_once(tmp_path: Path) -> None:
+    forced: list[str] = []
+
+    def fit() -> None:  # workers that never reach a step boundary
+        while not forced:
+            time.sleep(0.05)
+        raise RuntimeError("torn down")
+
+    _signal_me_after([0.3, 0.3], signal.SIGTERM)
+    outcome = fit_until_signal(fit, tmp_path, on_force=forced.append)
+    assert forced == ["SIGTERM"] and outcome.signal_name == "SIGTERM" and outcome.exit_code == 143
+    assert isinstance(outcome.error, RuntimeError)  # fit's own error is handed back, not raised in the thread
 
 
 def test_a_full_or_read_only_storage_is_not_retried() -> None:
