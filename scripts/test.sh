@@ -11,6 +11,4 @@ bash scripts/install_monitoring.sh
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$root/.cache/torch_extensions}"
 export PYTHONUNBUFFERED=1
 .venv/bin/ruff check .
-# Two workers: on a 2-core machine one process alone leaves a core idle most of the time (Ray start-up,
-# subprocess launches, node-death timeouts); tests/conftest.py puts the long end-to-end runs first.
-exec .venv/bin/python -m pytest -q -n "${FR_TRAIN_TEST_WORKERS:-2}" --dist worksteal "$@"
+exec .venv/bin/python -m pytest -q "$@"
