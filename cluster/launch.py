@@ -8,6 +8,7 @@ on the driver, before any worker starts, so workers never race to create files.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import signal
@@ -15,6 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from fr_train.checkpointing.rundir import RunStart
 from fr_train.config import TrainConfig
 from fr_train.console import log, setup_console
 from fr_train.train.batch_plan import is_elastic
@@ -119,6 +121,35 @@ def check_placement(placement: Placement, cfg: TrainConfig, local: bool) -> None
         time.sleep(min(5.0, max(0.1, deadline - now)))
 
 
+def check_resume_compatible(start: RunStart, cfg: TrainConfig, data_dir: Path) -> None:
+    """Refuse, before Ray starts, to resume a checkpoint into a different model or dataset (another
+    backbone, embedding size, margin, VPL setting, optimizer, or class count), naming the field:
+    the worker's own check would otherwise meet it only after the cluster and the workers started.
+    What may change across a resume and why: docs/resume.md."""
+    from data_pipeline.dataset import open_dataset
+    from fr_train.checkpointing import load_checkpoint
+
+    path = start.resume_path
+    if path is None:
+        return
+    checkpoint = start.resume_from if start.resume_from is not None else load_checkpoint(path, hash_files=False)
+    checkpoint.check_compatible(cfg.to_dict(), open_dataset(data_dir).num_classes)
+
+
+def check_batch_fits(cfg: TrainConfig, num_workers: int, data_dir: Path) -> None:
+    """Refuse, before any worker starts, a batch that leaves an epoch without a step at a size the
+    run may take (else every worker fails on it after Ray started, once per allowed restart)."""
+    from data_pipeline.dali import indexed_image_count
+    from fr_train.train.batch_plan import empty_epoch_error, plan_batches
+
+    images = indexed_image_count(data_dir)
+    sizes = range(cfg.run.min_workers, num_workers + 1) if is_elastic(cfg.run) else [num_workers]
+    for world in sizes:
+        error = empty_epoch_error(plan_batches(cfg, world), images, data_dir)
+        if error is not None:
+            raise error
+
+
 class StorageError(ValueError):
     """run.storage cannot hold the run (read-only, full, not a directory): nothing was started."""
 
@@ -143,13 +174,39 @@ def check_storage_writable(storage: Path, run_dir: Path) -> None:
 
 
 def launch(cfg: TrainConfig) -> int:
+    """Run ``cfg`` to its end under Ray Train; the exit code (0 done, 1 failed, 128+N on signal N)."""
+    from cluster.run_owner import claim_run
+
     setup_console()
+    cfg.run.name = resolve_run_name(cfg)
+    storage = Path(cfg.run.storage).expanduser().resolve()
+    cfg.run.storage = str(storage)
+    run_dir = storage / cfg.run.name
+    check_storage_writable(storage, run_dir)
+    new_dir = not run_dir.exists()
+    # One launch at a time owns the run directory (a second is refused naming the owner, before it
+    # reads or writes anything there); the record of a launch that is gone is taken over.
+    ownership = claim_run(run_dir)
+    try:
+        if ownership.took_over is not None:
+            log.info(f"run {cfg.run.name}: its previous launch ({ownership.took_over.describe()}) is gone; "
+                     "this launch owns the run directory now")
+        return _launch_owned(cfg, storage, run_dir)
+    finally:
+        ownership.release()
+        if new_dir:  # a launch refused before it wrote anything leaves no directory behind
+            with contextlib.suppress(OSError):
+                run_dir.rmdir()
+
+
+def _launch_owned(cfg: TrainConfig, storage: Path, run_dir: Path) -> int:
     import ray
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from cluster.driver_stop import clear_stop_request, fit_until_signal, force_exit
     from cluster.failures import clear_records, read_fatal
+    from cluster.local_cluster import LocalTorchConfig, start_local_ray
     from cluster.outcome import (
         ATTEMPTS_NAME,
         AttemptCounter,
@@ -163,32 +220,30 @@ def launch(cfg: TrainConfig) -> int:
     from cluster.worker import train_loop
     from fr_train.checkpointing import check_run_directory
 
-    cfg.run.name = resolve_run_name(cfg)
-    storage = Path(cfg.run.storage).expanduser().resolve()
-    cfg.run.storage = str(storage)
-    run_dir = storage / cfg.run.name
     # Before anything else: a run name owns its directory (resume it, --overwrite it, or another
     # --name); the checkpoint it would resume from is checked here, on the driver (manifests and
     # sizes: rank 0 hashes every file before loading, and a large head's checkpoint is GBs).
-    check_run_directory(run_dir, cfg, hash_files=False)
-    check_storage_writable(storage, run_dir)
+    start = check_run_directory(run_dir, cfg, hash_files=False)
     data_dir = prepare_data(cfg)
     cfg.data.path = str(data_dir)
+    check_resume_compatible(start, cfg, data_dir)
+    if cfg.run.num_workers:
+        check_batch_fits(cfg, cfg.run.num_workers, data_dir)
 
     # Inside `ray job submit` RAY_ADDRESS is set and this joins that cluster; otherwise it starts
-    # a local one, on 127.0.0.1. The job's runtime env must not be re-specified here (Ray rejects
-    # the merge). A local cluster keeps its dashboard (on 127.0.0.1): Ray Train's placement-group
-    # cleaner queries the State API it serves, and logs a failure every few seconds without it.
+    # a local one, every socket on loopback (cluster/local_cluster.py). The job's runtime env must
+    # not be re-specified here (Ray rejects the merge).
     local = not os.environ.get("RAY_ADDRESS") and not ray.is_initialized()
     owns_ray = not ray.is_initialized()
     if owns_ray:
         if local:
-            ray.init(log_to_driver=True, _node_ip_address="127.0.0.1", include_dashboard=True,
-                     dashboard_host="127.0.0.1")
+            start_local_ray()
         else:
             ray.init(log_to_driver=True)
     placement = choose_placement(cfg, ray.cluster_resources())
     check_placement(placement, cfg, local)
+    if not cfg.run.num_workers:  # the size came from the cluster (else it was checked before Ray started)
+        check_batch_fits(cfg, placement.num_workers, data_dir)
     elastic = is_elastic(cfg.run)
     clear_records(run_dir)  # a new launch: the cause an earlier one ended on may be fixed
     clear_stop_request(run_dir)  # a stop request belongs to the launch that made it
@@ -205,7 +260,7 @@ def launch(cfg: TrainConfig) -> int:
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"config": cfg.to_dict()},
-        torch_config=TorchConfig(backend="nccl" if placement.use_gpu else "gloo"),
+        torch_config=(LocalTorchConfig if local else TorchConfig)(backend="nccl" if placement.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             # Elastic: Ray restarts the group at any size in the range the cluster holds (node lost: at
             # once; room back: at the next resize check); every start resumes from the newest checkpoint.
@@ -263,11 +318,13 @@ def _worker_env(local: bool) -> dict[str, object]:
     """Runtime env of the Ray Train workers: cluster.preemption.defer_sigterm runs in each worker
     process before Ray's main loop (Ray Train's worker_runtime_env does not export a setup hook by
     itself, only ray.init does, so it is exported the way ray.init does it); on a local cluster,
-    gloo binds the loopback interface."""
+    gloo and NCCL bind the loopback interface."""
     from ray._private.runtime_env.setup_hook import export_setup_func_module
+
+    from cluster.local_cluster import LOOPBACK_SOCKET_ENV
 
     hook = "cluster.preemption.defer_sigterm"
     env = dict(export_setup_func_module({"worker_process_setup_hook": hook}, hook))
     if local:
-        env["env_vars"] = {**dict(env.get("env_vars") or {}), "GLOO_SOCKET_IFNAME": "lo"}  # type: ignore[arg-type]
+        env["env_vars"] = {**dict(env.get("env_vars") or {}), **LOOPBACK_SOCKET_ENV}  # type: ignore[arg-type]
     return env

@@ -373,6 +373,12 @@ def _write_outputs(out_dir: Path, meta: dict[str, Any], keys: np.ndarray, offset
     atomic_write_bytes(out_dir / META_NAME, json.dumps(meta, indent=1).encode("utf-8"))
 
 
+def indexed_image_count(dataset_dir: str | Path, out_dir: str | Path | None = None) -> int:
+    """How many images the prepared index of ``dataset_dir`` holds (its metadata: no arrays loaded)."""
+    out_dir = Path(out_dir) if out_dir is not None else Path(dataset_dir)
+    return int(json.loads((out_dir / META_NAME).read_text(encoding="utf-8"))["num_images"])
+
+
 def load_dali_index(dataset_dir: str | Path, out_dir: str | Path | None = None) -> DaliIndex:
     """Prepare (if needed) and load the image-only index of ``dataset_dir``."""
     dataset_dir = Path(dataset_dir)

@@ -120,6 +120,19 @@ def test_a_resume_path_that_is_not_a_checkpoint_is_refused_before_any_worker_sta
     print(f"\nrefused in {seconds:.1f} s with: {last}")
 
 
+def test_a_batch_larger_than_the_dataset_is_refused_before_ray_starts(
+        tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Issue 26: it passed the driver's checks and failed in every worker after Ray started."""
+    rc, out, _, seconds = _fr_train(tmp_path, tmp_path_factory.mktemp("faults_cache"), "--num-workers", "2",
+                                    "--name", "big-batch", "--set", "data.batch_size=120", timeout=120)
+    assert rc == 1, out[-3000:]
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("fr_train: error: 120 images × 2 ranks × 1 micro-batches"), out[-3000:]
+    assert "(192 images): lower data.batch_size or run.grad_accum" in last, last
+    assert "Ray" not in out and not (tmp_path / "runs" / "big-batch").exists()  # nothing started, nothing left
+    print(f"\nrefused in {seconds:.1f} s with: {last}")
+
+
 @pytest.mark.slow
 def test_a_nan_loss_at_the_same_step_twice_fails_once_with_one_line(
         tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:

@@ -90,3 +90,15 @@ def check_elastic_range(cfg: TrainConfig) -> None:
                      f"split evenly over {', '.join(map(str, bad))} worker(s); it must be a multiple of {lcm} "
                      f"(e.g. {' or '.join(map(str, fits))}): change data.batch_size or narrow --min-workers")
 
+
+def empty_epoch_error(plan: BatchPlan, num_images: int, data_dir: object) -> ValueError | None:
+    """The error of a plan whose epoch would hold no step (each rank reads ``floor(N/W)`` images in
+    ``micro_batch`` batches, ``grad_accum`` to a step: DaliConfig's ``last_batch="drop"``), or None.
+    One message for the driver's early check (before Ray starts) and the Trainer's exact one."""
+    if num_images // plan.world // plan.micro_batch // plan.grad_accum > 0:
+        return None
+    return ValueError(
+        f"{plan.micro_batch} images × {plan.world} ranks × {plan.grad_accum} micro-batches (data.batch_size, "
+        f"run.grad_accum) is larger than the dataset {data_dir} ({num_images} images): lower data.batch_size or "
+        "run.grad_accum")
+

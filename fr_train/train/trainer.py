@@ -28,7 +28,7 @@ from fr_train.config import TrainConfig
 from fr_train.console import log, setup_console
 from fr_train.parallel.collectives import scale_backbone_grad
 from fr_train.train import engine as eng
-from fr_train.train.batch_plan import is_elastic, plan_batches
+from fr_train.train.batch_plan import empty_epoch_error, is_elastic, plan_batches
 from fr_train.train.checkpoints import CheckpointingMixin
 from fr_train.train.components import build_distillation, build_head, load_eval_sets, seed_everything
 from fr_train.train.records import LOG_NAME, RecordsMixin, append_event
@@ -146,11 +146,9 @@ class Trainer(CheckpointingMixin, RecordsMixin):
             self.data = DaliFaceIterator(data_dir, dali, rank=self.rank, world_size=self.world)
         self.steps_per_epoch = len(self.data) // self.plan.grad_accum
         if self.steps_per_epoch == 0:
-            raise ValueError(
-                f"{self.plan.micro_batch} images × {self.world} ranks × {self.plan.grad_accum} micro-batches (data."
-                f"batch_size, run.grad_accum) is larger than the dataset {data_dir} ({len(dataset)} images): "
-                "lower data.batch_size or run.grad_accum"
-            )
+            raise empty_epoch_error(self.plan, len(dataset), data_dir) or ValueError(
+                f"an epoch of {data_dir} ({len(dataset)} images) holds no step of this sampler "
+                f"(data.sampler={cfg.data.sampler}): lower data.batch_size or run.grad_accum")
         self.total_steps = cfg.schedule.max_steps or cfg.schedule.epochs * self.steps_per_epoch
         self.global_batch = self.plan.global_batch
         base_lr = scaled_lr(cfg.optimizer.lr, self.global_batch, cfg.optimizer.base_batch)
