@@ -104,3 +104,18 @@ def test_the_synthetic_default_validation_set_still_loads(tmp_path):
     out = write_synthetic_dataset(tmp_path / "synth", cfg, workers=1)
     vs = load_verification_set(out / "synth_val.bin", (32, 32))
     assert vs.images.shape == (20, 3, 32, 32) and vs.issame.sum() == 5
+
+
+@pytest.mark.parametrize(("device", "says"), [
+    ("garbage", "'garbage' is not a device: pass cpu, cuda or cuda:N"),
+    ("meta", "'meta': fr_eval runs on cpu or cuda[:N]"),
+    pytest.param("cuda", "'cuda': this machine has no CUDA device; pass --device cpu",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
+])
+def test_a_device_this_machine_lacks_is_one_line_naming_the_flag(tmp_path, capsys, device, says):
+    """Issue 26: `--device garbage` ended in a torch traceback after the model was built."""
+    with pytest.raises(SystemExit) as exit_:
+        main([str(tmp_path), "--bin", str(tmp_path / "x.bin"), "--device", device])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith(f"argument --device: {says}"), err

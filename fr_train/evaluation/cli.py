@@ -10,6 +10,24 @@ from pathlib import Path
 import torch
 
 
+def parse_device(text: str) -> torch.device:
+    """``--device``: a torch device this machine has (cpu, cuda, cuda:N), else one line saying so."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device: pass cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{text!r}: fr_eval runs on cpu or cuda[:N]")
+    if device.type == "cuda":
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise argparse.ArgumentTypeError(f"{text!r}: this machine has no CUDA device; pass --device cpu")
+        if device.index is not None and device.index >= count:
+            raise argparse.ArgumentTypeError(f"{text!r}: this machine has {count} CUDA device(s), "
+                                             f"cuda:0 to cuda:{count - 1}")
+    return device
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="fr_eval", description="Evaluate a saved fr_train backbone on .bin "
                                 "verification sets (LFW 10-fold protocol with flip, TAR@FAR).")
@@ -20,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--embedding-size", type=int, default=None)
     p.add_argument("--image-size", type=int, default=None, help="input side (default: model.json's, else 112)")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=parse_device, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda or cuda:N (default: cuda where there is one)")
     args = p.parse_args(argv)
 
     from data_pipeline.errors import DataFormatError
@@ -43,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     size = size or 112
     model = build_backbone(name, embedding_size=emb or 512, image_size=size)
     model.load_state_dict(load_backbone_weights(weights))
-    device = torch.device(args.device)
+    device = args.device
     model.to(device).eval()
     sets = []
     for b in args.bins:  # all of them before any scoring: a bad set fails the command at once
