@@ -207,15 +207,17 @@ class CheckpointManager:
         save = self.save if sync else self.save_async
         save(step, payload, shared, meta if self.rank == 0 else None)
 
-    def restore_states(self, ckpt: LoadedCheckpoint) -> list[str]:
+    def restore_states(self, ckpt: LoadedCheckpoint, *, skip: tuple[str, ...] = ()) -> list[str]:
         """Restore the components from ``ckpt`` (re-split for this world size when it differs);
-        return the keys it holds no state for (the caller's fallbacks)."""
+        return the keys it holds no state for (the caller's fallbacks). ``skip``: rank-payload keys
+        to leave out, as if the checkpoint lacked them (a position that no longer means anything)."""
         if self.states is None:
             raise ValueError("CheckpointManager.restore_states: no states were handed to this manager")
         shared = ckpt.shared()
         if shared is None and any(s.shared for s in self.states.states):
             raise ValueError(f"{ckpt.path}: has no {SHARED_FILE}; it is not a checkpoint of a training run")
-        return self.states.restore(ckpt.payload_for(self.rank, self.world), shared or {})
+        payload = {k: v for k, v in ckpt.payload_for(self.rank, self.world).items() if k not in skip}
+        return self.states.restore(payload, shared or {})
 
     def save(self, step: int, payload: dict[str, Any], shared: dict[str, Any] | None = None,
              meta: dict[str, Any] | None = None, *, private_payload: bool = False) -> None:

@@ -112,7 +112,17 @@ class CheckpointingMixin:
         ckpt = load_checkpoint(path, hash_files=self.rank == 0 and self.start.resume_from is None)
         ckpt.check_compatible(self.cfg.to_dict(), self.num_classes)
         self.backbone_optimizer.check_layout(ckpt.meta.get("backbone_optimizer_layout", LAYOUT_REPLICATED), str(path))
-        missing = self.ckpt.restore_states(ckpt)
+        # Another batch size or accumulation: the reader's position (counted in batches) and the RNG
+        # streams no longer mean anything, but the sample count does, as across a world-size change.
+        saved = ckpt.meta.get("config", {})
+        was = (saved.get("data", {}).get("batch_size"), saved.get("run", {}).get("grad_accum"))
+        now = (self.cfg.data.batch_size, self.cfg.run.grad_accum)
+        rebatched = was != now
+        missing = self.ckpt.restore_states(ckpt, skip=("data", "rng") if rebatched else ())
+        if rebatched and self.rank == 0:
+            log.info(f"data.batch_size × run.grad_accum was {was[0]} × {was[1]} in {path}, now {now[0]} × {now[1]}: "
+                     f"the reader restarts epoch {self.state.epoch} past the {self.state.epoch_samples} samples "
+                     "it had seen (the batches that follow differ from an uninterrupted run's)")
         self.backbone_optimizer.check_restored()
         if "data" in missing or "data" not in {s.key for s in self.ckpt.states.states}:
             self._skip_to(self.state.epoch_samples)  # another world size, or a source without a reader state
