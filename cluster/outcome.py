@@ -95,6 +95,7 @@ def run_finished(run_dir: Path) -> bool:
 def summarize_run(run_dir: Path) -> str:
     """One line on how the run ended, from rank 0's JSON-lines log."""
     from fr_train.train.records import LOG_NAME, read_events
+    from fr_train.train.tensorboard_sink import TENSORBOARD_DIR
 
     log_path = run_dir / LOG_NAME
     records = read_events(run_dir)
@@ -108,4 +109,7 @@ def summarize_run(run_dir: Path) -> str:
         last = [r for r in evals if r["set"] == name][-1]
         parts.append(f"{name}: accuracy {first['accuracy']:.4f} (step {first['step']}) -> "
                      f"{last['accuracy']:.4f} (step {last['step']})")
+    parts.append(f"log {log_path}")
+    if (run_dir / TENSORBOARD_DIR).is_dir():
+        parts.append(f"curves: tensorboard --logdir {run_dir.parent}")
     return "; ".join(parts)

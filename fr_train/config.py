@@ -203,6 +203,9 @@ class MetricsConfig:
     below_max_alert_minutes: float = 30.0
     """Elastic runs: the FrTrainBelowMaxSize alert fires after the run trained below run.num_workers for
     this long (exported as fr_train_below_max_size_alert_seconds, read by ops/prometheus/alerts.yml)."""
+    tensorboard: bool = True
+    """Rank 0 also writes the log's events as TensorBoard curves in STORAGE/RUN/tensorboard/
+    (fr_train/train/tensorboard_sink.py); `tensorboard --logdir STORAGE` shows the runs."""
 
 
 @dataclass

@@ -53,9 +53,9 @@ FINAL_DIR = "final"
 LAUNCH_FILE = "fr_train_launch.json"
 """The id of the launch that last started the run (Ray cluster session + job id): a start carrying the
 same id is a restart of that launch, not a new run."""
-RUN_FILES = ("train_log.jsonl", "config.json", LAUNCH_FILE)
-"""Files of a run that ``--overwrite`` deletes along with checkpoints/ and final/ (the log of the
-replaced run would otherwise interleave with the new one's)."""
+RUN_FILES = ("train_log.jsonl", "config.json", LAUNCH_FILE, "tensorboard")
+"""Files of a run that ``--overwrite`` deletes along with checkpoints/ and final/ (the log and the
+TensorBoard curves of the replaced run would otherwise interleave with the new one's)."""
 
 _CONTINUE = "--resume auto (checkpoint.resume=auto) to continue it"
 _OVERWRITE = ("--resume never --overwrite (checkpoint.resume=never, run.overwrite=true) to delete it and start a "

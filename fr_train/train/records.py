@@ -41,6 +41,12 @@ def read_events(run_dir: Path) -> list[dict[str, Any]]:
 
 
 class RecordsMixin:
+    def _write_event(self, event: dict[str, Any]) -> None:
+        """Rank 0: one event to the log and to its other sinks (TensorBoard)."""
+        append_event(self.log_path, event)
+        if self.tensorboard is not None:
+            self.tensorboard.write(event)
+
     def _observe(self, loss: float, times: StepTimes) -> None:
         step_s = max(times.total, 1e-9)
         grad_norm = self.grad_norm
@@ -85,7 +91,7 @@ class RecordsMixin:
 
     def _emit(self, record: dict[str, Any], progress: Any) -> None:
         if self.rank == 0:
-            append_event(self.log_path, {"event": "train", **record})
+            self._write_event({"event": "train", **record})
             log.info(f"step {record['step']}/{self.total_steps} loss {record['loss']:.4f} "
                      f"lr {record['lr']:.4g} {record['images_per_s']:.1f} img/s eta {record['eta_s']:.0f}s")
             if progress is not None:
@@ -124,7 +130,7 @@ class RecordsMixin:
                  f"{', channels_last' if self.format.channels_last else ''} on {self.device.type}")
         if is_elastic(self.cfg.run):
             self._observe_size(info["time"])
-        append_event(self.log_path, info)
+        self._write_event(info)
 
     def _observe_size(self, now: float) -> None:
         """Rank 0 of an elastic run, before its start event is written: how the size changed over the run

@@ -31,9 +31,10 @@ from fr_train.train import engine as eng
 from fr_train.train.batch_plan import empty_epoch_error, is_elastic, plan_batches
 from fr_train.train.checkpoints import CheckpointingMixin
 from fr_train.train.components import build_distillation, build_head, load_eval_sets, seed_everything
-from fr_train.train.records import LOG_NAME, RecordsMixin, append_event
+from fr_train.train.records import LOG_NAME, RecordsMixin
 from fr_train.train.schedule import PolySchedule, scaled_lr
 from fr_train.train.state import BatchSource, StepTimes, TrainState
+from fr_train.train.tensorboard_sink import TensorBoardSink
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -88,6 +89,7 @@ class Trainer(CheckpointingMixin, RecordsMixin):
         self._notice_handled: str | None = None
         self.run_dir = Path(cfg.run.storage).expanduser() / cfg.run.name
         self.log_path = self.run_dir / LOG_NAME
+        self.tensorboard = TensorBoardSink(self.run_dir, cfg.to_json()) if rank == 0 and cfg.metrics.tensorboard else None
         # First, before anything is built or written: may this start use the run directory? (A run name
         # owns its directory: fr_train/checkpointing/rundir.py.)
         self.start = self._claim_run_directory(launch_id)
@@ -357,8 +359,8 @@ class Trainer(CheckpointingMixin, RecordsMixin):
                 results[vs.name] = r
                 self.metrics.observe_eval(vs.name, r["accuracy"], {
                     float(k.removeprefix("tar_at_far_")): v for k, v in r.items() if k.startswith("tar_at_far_")})
-                append_event(self.log_path, {"event": "eval", "time": round(time.time(), 3), "step": self.state.step,
-                                             "set": vs.name, **r})
+                self._write_event({"event": "eval", "time": round(time.time(), 3), "step": self.state.step,
+                                   "set": vs.name, **r})
                 log.info(f"eval step {self.state.step} {vs.name}: accuracy {r['accuracy']:.4f} "
                          f"± {r['accuracy_std']:.4f}, TAR@FAR=1e-3 {r['tar_at_far_1e-3']:.4f}")
             model.train(was_training)
@@ -379,8 +381,7 @@ class Trainer(CheckpointingMixin, RecordsMixin):
                              image_size=self.image_size[0], steps=self.state.step)
             if self.cfg.run.export_onnx:
                 export_onnx(model.cpu(), out / "backbone.onnx", image_size=self.image_size[0])
-            append_event(self.log_path, {"event": "end", "step": self.state.step, "eval": last_eval,
-                                         "final_dir": str(out)})
+            self._write_event({"event": "end", "step": self.state.step, "eval": last_eval, "final_dir": str(out)})
             log.info(f"done: {self.state.step} steps; model in {out}")
         flat = {f"eval/{name}/{k}": v for name, r in last_eval.items() for k, v in r.items()
                 if isinstance(v, int | float)}
