@@ -277,7 +277,7 @@ def _launch_owned(cfg: TrainConfig, storage: Path, run_dir: Path) -> int:
             # from); Ray only records the ones reported.
             checkpoint_config=CheckpointConfig(num_to_keep=None),
             # SIGTERM to a worker: checkpoint the current step on every rank before Ray exits it.
-            worker_runtime_env=_worker_env(local),
+            worker_runtime_env=_worker_env(local, placement.use_gpu),
             # fr_train prints one line per logged step; Ray's own per-report lines only when asked.
             logging_config=LoggingConfig(log_level=cfg.run.ray_log_level),
         ),
@@ -314,17 +314,20 @@ def _launch_owned(cfg: TrainConfig, storage: Path, run_dir: Path) -> int:
     return 0
 
 
-def _worker_env(local: bool) -> dict[str, object]:
+def _worker_env(local: bool, use_gpu: bool) -> dict[str, object]:
     """Runtime env of the Ray Train workers: cluster.preemption.defer_sigterm runs in each worker
     process before Ray's main loop (Ray Train's worker_runtime_env does not export a setup hook by
     itself, only ray.init does, so it is exported the way ray.init does it); on a local cluster,
-    gloo and NCCL bind the loopback interface."""
+    gloo and NCCL bind the loopback interface. DeepSpeed is told the accelerator the placement chose
+    (DS_ACCELERATOR) instead of guessing it, which warned "Setting accelerator to CPU" on every rank."""
     from ray._private.runtime_env.setup_hook import export_setup_func_module
 
     from cluster.local_cluster import LOOPBACK_SOCKET_ENV
 
     hook = "cluster.preemption.defer_sigterm"
     env = dict(export_setup_func_module({"worker_process_setup_hook": hook}, hook))
+    env_vars = {**dict(env.get("env_vars") or {}), "DS_ACCELERATOR": "cuda" if use_gpu else "cpu"}  # type: ignore[arg-type]
     if local:
-        env["env_vars"] = {**dict(env.get("env_vars") or {}), **LOOPBACK_SOCKET_ENV}  # type: ignore[arg-type]
+        env_vars.update(LOOPBACK_SOCKET_ENV)
+    env["env_vars"] = env_vars
     return env

@@ -30,11 +30,15 @@ loss-scaled fp16 engine (clipping needs the unscaled gradients it owns).
 
 from __future__ import annotations
 
+import contextlib
+import io
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
+
+from fr_train.console import log
 
 Precision = Literal["fp32", "bf16", "fp16"]
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16")
@@ -185,8 +189,14 @@ def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_co
     # on it forever.
     clear_abandoned_build_locks()
     model = model.to(device=device, memory_format=torch.contiguous_format)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
-                                           dist_init_required=False)
+    # DeepSpeed print()s each op it loads ("... deepspeed_shm_comm_op built successfully", twice per
+    # rank on CPU): kept off the run's console, at debug level in fr_train's log.
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
+                                               dist_init_required=False)
+    for line in printed.getvalue().splitlines():
+        log.debug(f"deepspeed: {line}")
     return engine
 
 
