@@ -46,11 +46,6 @@ def read_stop_request(run_dir: Path) -> dict[str, Any] | None:
     return record if isinstance(record, dict) else None
 
 
-def clear_stop_request(run_dir: Path) -> None:
-    """At a new launch (the driver, before any worker starts): a request belongs to the launch that made it."""
-    (run_dir / STOP_NAME).unlink(missing_ok=True)
-
-
 class StopRequestWatch:
     """On a worker: ``watch()`` is the reason to stop ("SIGINT to the driver") once the driver asked,
     else None. Reads the file at most every ``interval_s`` seconds (it may lie on network storage)."""

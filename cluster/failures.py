@@ -83,12 +83,6 @@ def read_fatal(run_dir: Path) -> dict[str, Any] | None:
     return _read(run_dir / FATAL_NAME)
 
 
-def clear_records(run_dir: Path) -> None:
-    """At a new launch of the run (the driver): the user may have fixed the cause."""
-    for name in (FATAL_NAME, NONFINITE_NAME):
-        (run_dir / name).unlink(missing_ok=True)
-
-
 def nonfinite_again(run_dir: Path, step: int) -> bool:
     """Record a NaN loss at ``step``; True if the previous attempt had one at the same step."""
     previous = _read(run_dir / NONFINITE_NAME)

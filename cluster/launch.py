@@ -204,8 +204,8 @@ def _launch_owned(cfg: TrainConfig, storage: Path, run_dir: Path) -> int:
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from cluster.driver_stop import clear_stop_request, fit_until_signal, force_exit
-    from cluster.failures import clear_records, read_fatal
+    from cluster.driver_stop import fit_until_signal, force_exit
+    from cluster.failures import read_fatal
     from cluster.local_cluster import LocalTorchConfig, start_local_ray
     from cluster.outcome import (
         ATTEMPTS_NAME,
@@ -217,6 +217,7 @@ def _launch_owned(cfg: TrainConfig, storage: Path, run_dir: Path) -> int:
         summarize_run,
     )
     from cluster.ray_state import set_aside_ray_snapshot
+    from cluster.run_owner import clear_launch_records
     from cluster.worker import train_loop
     from fr_train.checkpointing import check_run_directory
 
@@ -245,9 +246,7 @@ def _launch_owned(cfg: TrainConfig, storage: Path, run_dir: Path) -> int:
     if not cfg.run.num_workers:  # the size came from the cluster (else it was checked before Ray started)
         check_batch_fits(cfg, placement.num_workers, data_dir)
     elastic = is_elastic(cfg.run)
-    clear_records(run_dir)  # a new launch: the cause an earlier one ended on may be fixed
-    clear_stop_request(run_dir)  # a stop request belongs to the launch that made it
-    (run_dir / ATTEMPTS_NAME).unlink(missing_ok=True)  # and the failed attempts counted
+    clear_launch_records(run_dir)  # a new launch: the cause an earlier one ended on may be fixed
     aside = set_aside_ray_snapshot(run_dir)
     if aside is not None:
         log.info(f"set aside Ray Train's checkpoint list {aside.name} (fr_train resumes from its own checkpoints; "
@@ -303,7 +302,6 @@ def _launch_owned(cfg: TrainConfig, storage: Path, run_dir: Path) -> int:
     if fatal is not None or error is not None or outcome.result is None:
         log.info(failure_line(cfg.run.name, run_dir, error, attempts, cfg.run.max_failures, fatal))
         return 1
-    clear_stop_request(run_dir)
     if outcome.signal_name is not None:
         if run_finished(run_dir):  # the signal came after the last step: the run is complete
             log.info(summarize_run(run_dir))

@@ -17,6 +17,10 @@ gone is taken over, so a crashed or SIGKILLed launch never leaves its run stuck:
 A taken-over record is renamed aside first and checked to be the one judged gone (else put back),
 so two launches racing for one stale record cannot both win: only one ``O_EXCL`` create succeeds.
 A launch refused here started nothing and wrote nothing.
+
+This module is also the one home of what belongs to one launch only, which the next launch clears
+once it owns the directory (:func:`clear_launch_records`): the fatal-error and NaN records (the user
+may have fixed the cause), the driver's stop request, and the failed attempts counted.
 """
 
 from __future__ import annotations
@@ -31,7 +35,13 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from cluster.driver_stop import STOP_NAME
+from cluster.failures import FATAL_NAME, NONFINITE_NAME
+from cluster.outcome import ATTEMPTS_NAME
+
 OWNER_NAME = "owner.json"
+LAUNCH_RECORDS = (FATAL_NAME, NONFINITE_NAME, STOP_NAME, ATTEMPTS_NAME)
+"""Files in the run directory that describe one launch: the next one starts without them."""
 HEARTBEAT_S = 10.0
 STALE_AFTER_S = 120.0  # 12 missed heartbeats: a driver that is alive refreshes well within this
 
@@ -187,3 +197,9 @@ def claim_run(run_dir: Path, *, attempts: int = 3) -> RunOwnership:
             os.fsync(f.fileno())
         return RunOwnership(run_dir, me, took_over)
     raise OSError(errno.EAGAIN, f"{path}: could not be claimed after {attempts} tries (launches racing for it)")
+
+
+def clear_launch_records(run_dir: Path) -> None:
+    """At a new launch, once it owns the directory: the records of the previous launch go."""
+    for name in LAUNCH_RECORDS:
+        (run_dir / name).unlink(missing_ok=True)

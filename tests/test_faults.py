@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from cluster.failures import clear_records, is_retryable, nonfinite_again, read_fatal, record_fatal
+from cluster.failures import is_retryable, nonfinite_again, read_fatal, record_fatal
 from cluster.launch import Placement, placeable_workers
 from cluster.outcome import ATTEMPTS_NAME, failed_attempts
+from cluster.run_owner import clear_launch_records
 from fr_train.config import ConfigError
 from tests.test_gpu_configuration_on_cpu import TINY
 from tests.test_train_e2e import _env
@@ -73,7 +74,7 @@ def test_a_nan_loss_twice_at_one_step_is_fatal(tmp_path: Path) -> None:
     record_fatal(tmp_path, ValueError("checkpoint x: incompatible:\n  field y differs"), rank=1)
     assert read_fatal(tmp_path) == {"error": "ValueError: checkpoint x: incompatible: field y differs",
                                     "type": "ValueError", "rank": 1}
-    clear_records(tmp_path)
+    clear_launch_records(tmp_path)  # the next launch
     assert read_fatal(tmp_path) is None and not list(tmp_path.iterdir())
 
 

@@ -24,7 +24,6 @@ import pytest
 
 from cluster.driver_stop import (
     StopRequestWatch,
-    clear_stop_request,
     fit_until_signal,
     read_stop_request,
     request_stop,
@@ -33,6 +32,7 @@ from cluster.failures import is_retryable
 from cluster.launch import StorageError, check_storage_writable
 from cluster.outcome import ATTEMPTS_NAME, AttemptCounter, failed_attempts, failure_line
 from cluster.ray_state import RAY_SNAPSHOT, set_aside_ray_snapshot
+from cluster.run_owner import clear_launch_records
 from fr_train.checkpointing.rundir import CHECKPOINTS_DIR
 from tests.test_faults import BIN
 from tests.test_gpu_configuration_on_cpu import TINY
@@ -56,7 +56,7 @@ def test_a_stop_request_reaches_a_worker_once_and_belongs_to_one_launch(tmp_path
     assert watch() is None and read_stop_request(tmp_path) is None
     request_stop(tmp_path, "SIGINT")
     assert watch() == "SIGINT to the driver" and read_stop_request(tmp_path)["signal"] == "SIGINT"
-    clear_stop_request(tmp_path)  # the next launch
+    clear_launch_records(tmp_path)  # the next launch
     assert read_stop_request(tmp_path) is None
     assert watch() == "SIGINT to the driver"  # a worker that saw it keeps stopping
     slow = StopRequestWatch(tmp_path, interval_s=3600.0)
