@@ -128,7 +128,9 @@ def read_bin(path: str | Path) -> tuple[list[bytes], np.ndarray]:
             obj = _VerificationSetUnpickler(f, path).load()
         except DataFormatError:
             raise  # a refused global, raised by find_class
-        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as e:
+        # MemoryError / OverflowError: a few bytes can declare a frame of 2**62 bytes
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, MemoryError,
+                OverflowError) as e:
             raise data_error(path, "pickle", f"cannot be read as a verification set ({type(e).__name__}: {e})",
                              "Check that the file is a complete insightface .bin with bool labels") from e
     if not isinstance(obj, (tuple, list)) or len(obj) != 2:

@@ -219,6 +219,12 @@ def list_identity_folders(src_dir: Path) -> tuple[list[tuple[int, Path]], list[s
         if not entry.is_dir():
             raise data_error(entry, "", "file at the top level of the source folder",
                              "Put every image inside its identity's folder (SRC/<identity>/<image>)")
+        try:  # identities.txt is UTF-8: refuse a name it cannot hold before anything is written
+            entry.name.encode("utf-8")
+        except UnicodeEncodeError:
+            shown = entry.name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            raise data_error(entry.parent / shown, "", "identity folder name is not valid UTF-8",
+                             "Rename the folder with a UTF-8 name") from None
         label = len(names)
         files = []
         for item in sorted(entry.iterdir(), key=lambda p: p.name):

@@ -299,7 +299,7 @@ def build_config(
         path = Path(config_file)
         try:
             data = tomllib.loads(path.read_text())
-        except (OSError, tomllib.TOMLDecodeError) as exc:
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"cannot read config file {path}: {exc}") from exc
         apply_mapping(cfg, data, source=str(path))
     for item in overrides or []:
@@ -381,7 +381,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
-        is_null = value is None or (isinstance(value, str) and value.lower() in ("", "none", "null"))
+        # Only a spelled-out none: an empty string (`--data "$UNSET"`) is a mistake, not a choice.
+        is_null = value is None or (isinstance(value, str) and value.lower() in ("none", "null"))
         if is_null and type(None) in args:
             return None
         errors = []
@@ -415,11 +416,17 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     if tp is int:
         if isinstance(value, bool):
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        try:  # "12" exactly, whatever its size; "1e3" or "12.0" through float, refused unless exact
+            return int(str(value).strip())
+        except ValueError:
+            pass
         try:
             f = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
-        if not f.is_integer():
+        if not f.is_integer() or abs(f) >= 2**53:  # beyond 2**53 a float no longer holds every integer
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return int(f)
     if tp is float:

@@ -134,6 +134,8 @@ def validate(cfg: TrainConfig) -> None:
     _check(cfg.backbone.embedding_size > 0, "backbone.embedding_size", "must be > 0")
     _check(0.0 <= cfg.backbone.dropout < 1.0, "backbone.dropout", "must be in [0, 1)")
     _check(cfg.data.batch_size > 0, "data.batch_size", "must be > 0")
+    _check(cfg.data.path is None or cfg.data.path.strip() != "", "data.path",
+           "is empty: pass a dataset directory, or leave --data out (or data.path=none) for the synthetic default")
     # Every backbone normalises with BatchNorm, which in training needs two samples per channel (torch:
     # "Expected more than 1 value per channel when training"), unless it runs on its running statistics.
     _check(cfg.data.batch_size >= 2 or cfg.backbone.freeze_bn, "data.batch_size",

@@ -137,3 +137,11 @@ def test_write_refuses_mismatched_counts(tmp_path: Path) -> None:
 def test_undecodable_image_names_its_index() -> None:
     with pytest.raises(DataFormatError, match=r"set.bin: images\[4\]"):
         decode_image(b"not an image", source="set.bin", index=4)
+
+
+def test_a_pickle_declaring_a_huge_frame_is_refused_not_a_memory_error(tmp_path: Path) -> None:
+    """12 bytes that ask for a 2**62-byte frame (issue 26: MemoryError traceback)."""
+    path = tmp_path / "frame.bin"
+    path.write_bytes(b"\x80\x04\x95" + (2**62).to_bytes(8, "little") + b".")
+    with pytest.raises(DataFormatError, match=r"frame\.bin: pickle: cannot be read as a verification set"):
+        read_bin(path)

@@ -188,3 +188,26 @@ def test_one_image_per_rank_is_refused_unless_batchnorm_is_frozen() -> None:
                                           r".*\(got 1\)"):
         build_config("mbf", "arcface", overrides=["data.batch_size=1"])
     assert build_config("mbf", "arcface", overrides=["data.batch_size=1", "backbone.freeze_bn=true"]).data.batch_size == 1
+
+
+def test_integers_are_kept_exactly_and_inexact_ones_refused() -> None:
+    """Issue 26: 99999999999999999999999 became 99999999999999991611392 through a float."""
+    assert build_config("mbf", "arcface", overrides=["data.batch_size=9007199254740993"]).data.batch_size == \
+        9007199254740993
+    assert build_config("mbf", "arcface", overrides=["schedule.max_steps=1e3"]).schedule.max_steps == 1000
+    with pytest.raises(ConfigError, match=r"schedule\.max_steps: expected an integer"):
+        build_config("mbf", "arcface", overrides=["schedule.max_steps=1e17"])  # not exact as a float
+
+
+def test_an_empty_data_path_is_refused_not_taken_for_the_synthetic_default() -> None:
+    """`--data "$UNSET"` trained on the synthetic default; `none` still asks for it."""
+    with pytest.raises(ConfigError, match=r"data\.path: is empty: pass a dataset directory"):
+        config_from_args(build_parser().parse_args(["mbf", "arcface", "--data", ""]))
+    assert build_config("mbf", "arcface", overrides=["data.path=none"]).data.path is None
+
+
+def test_a_config_file_that_is_not_utf8_is_one_config_error(tmp_path) -> None:
+    path = tmp_path / "latin1.toml"
+    path.write_bytes(b"[run]\nname = \"caf\xe9\"\n")
+    with pytest.raises(ConfigError, match=r"cannot read config file .*latin1\.toml"):
+        build_config("mbf", "arcface", config_file=path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -119,3 +120,39 @@ def test_a_device_this_machine_lacks_is_one_line_naming_the_flag(tmp_path, capsy
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].endswith(f"argument --device: {says}"), err
+
+
+def _model_problems(tmp_path: Path) -> list[tuple[list[str], str]]:
+    (tmp_path / "good").mkdir()
+    good = _saved_model(tmp_path / "good")
+    r18 = tmp_path / "r18"
+    r18.mkdir()
+    save_backbone(build_backbone("r18", embedding_size=512, image_size=112), r18 / "backbone.safetensors")
+    (r18 / "model.json").write_text(json.dumps({"backbone": "mbf", "embedding_size": 512, "image_size": 112}))
+    no_weights = tmp_path / "no_weights"
+    no_weights.mkdir()
+    (no_weights / "model.json").write_text((good / "model.json").read_text())
+    bad_json = tmp_path / "bad_json"
+    shutil.copytree(good, bad_json)
+    (bad_json / "model.json").write_text('{"backbone": ')
+    return [
+        ([str(tmp_path / "missing")], "missing: no such model directory or weights file"),
+        ([str(no_weights)], "backbone.safetensors: weights file not found"),
+        ([str(bad_json)], "model.json: Expecting value"),
+        ([str(r18)], "does not match backbone 'mbf'"),
+        ([str(good), "--backbone", "r999"], "unknown backbone 'r999'"),
+    ]
+
+
+def test_a_model_that_cannot_be_loaded_is_one_line_naming_the_file(tmp_path, capsys):
+    """Issue 26: each of these ended in a traceback (a state-dict key dump for another backbone)."""
+    for args, says in _model_problems(tmp_path):
+        assert main([*args, "--bin", str(tmp_path / "x.bin"), "--device", "cpu"]) == 1, args
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("fr_eval: error: ") and says in err[0], (args, err)
+
+
+def test_a_batch_size_below_one_is_refused_by_the_parser(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main([str(tmp_path), "--bin", "x.bin", "--batch-size", "0"])
+    assert "argument --batch-size: '0': must be >= 1" in capsys.readouterr().err

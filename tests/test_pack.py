@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import sys
 import types
 from pathlib import Path
@@ -57,6 +58,8 @@ def test_fr_pack_refuses_images_of_another_size_unless_resize(tmp_path: Path, ca
         (lambda src: (src / "stray.jpg").write_bytes(jpeg_bytes(0)), "stray.jpg: file at the top level"),
         (lambda src: (src / "id_99").mkdir(), "id_99: identity folder has no images"),
         (lambda src: (src / "id_00" / "sub").mkdir(), "sub: nested folder"),
+        # A name in bytes that are not UTF-8 (issue 26: a traceback after train.rec was written)
+        (lambda src: (src / "id_01").rename(src / os.fsdecode(b"id_\xff")), "identity folder name is not valid UTF-8"),
     ],
 )
 def test_fr_pack_stops_at_the_first_bad_source_entry_naming_it(
