@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from data_pipeline.dataset import FaceRecordDataset
+from data_pipeline.errors import data_error
 from fr_train.checkpointing.rundir import RunStart
 from fr_train.config import TrainConfig
 from fr_train.console import log, setup_console
@@ -121,19 +123,32 @@ def check_placement(placement: Placement, cfg: TrainConfig, local: bool) -> None
         time.sleep(min(5.0, max(0.1, deadline - now)))
 
 
-def check_resume_compatible(start: RunStart, cfg: TrainConfig, data_dir: Path) -> None:
+def check_image_size(dataset: FaceRecordDataset) -> None:
+    """The images are the property file's size (the first image's header is read): fr_train decodes
+    at that size and does not resize, and a property of another size otherwise surfaced in every
+    worker at its first batch, after Ray started."""
+    found = dataset.first_image_size()
+    height, width = dataset.image_size
+    if found is not None and found != (height, width):
+        h, w = found
+        raise data_error(dataset.property_path, f"image key {int(dataset.image_keys[0])} of {dataset.rec_path.name}",
+                         f"the images are {w}x{h} (WxH) but the property file says {width}x{height}",
+                         f"Correct the property file ({dataset.num_classes},{h},{w}), or re-pack the source images "
+                         f"at {width}x{height} (fr_pack --image-size {height} {width} --resize)")
+
+
+def check_resume_compatible(start: RunStart, cfg: TrainConfig, num_classes: int) -> None:
     """Refuse, before Ray starts, to resume a checkpoint into a different model or dataset (another
     backbone, embedding size, margin, VPL setting, optimizer, or class count), naming the field:
     the worker's own check would otherwise meet it only after the cluster and the workers started.
     What may change across a resume and why: docs/resume.md."""
-    from data_pipeline.dataset import open_dataset
     from fr_train.checkpointing import load_checkpoint
 
     path = start.resume_path
     if path is None:
         return
     checkpoint = start.resume_from if start.resume_from is not None else load_checkpoint(path, hash_files=False)
-    checkpoint.check_compatible(cfg.to_dict(), open_dataset(data_dir).num_classes)
+    checkpoint.check_compatible(cfg.to_dict(), num_classes)
 
 
 def check_batch_fits(cfg: TrainConfig, num_workers: int, data_dir: Path) -> None:
@@ -219,6 +234,8 @@ def _launch_owned(cfg: TrainConfig, storage: Path, run_dir: Path) -> int:
     from cluster.ray_state import set_aside_ray_snapshot
     from cluster.run_owner import clear_launch_records
     from cluster.worker import train_loop
+    from data_pipeline.dataset import open_dataset
+    from fr_train.backbones import square_side
     from fr_train.checkpointing import check_run_directory
 
     # Before anything else: a run name owns its directory (resume it, --overwrite it, or another
@@ -227,7 +244,10 @@ def _launch_owned(cfg: TrainConfig, storage: Path, run_dir: Path) -> int:
     start = check_run_directory(run_dir, cfg, hash_files=False)
     data_dir = prepare_data(cfg)
     cfg.data.path = str(data_dir)
-    check_resume_compatible(start, cfg, data_dir)
+    with open_dataset(data_dir) as dataset:  # what the backbone and a resumed head need of it
+        check_image_size(dataset)
+        square_side(dataset.image_size, dataset.property_path)
+        check_resume_compatible(start, cfg, dataset.num_classes)
     if cfg.run.num_workers:
         check_batch_fits(cfg, cfg.run.num_workers, data_dir)
 

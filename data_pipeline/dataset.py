@@ -142,6 +142,22 @@ class FaceRecordDataset:
         header, image = unpack_record(self.reader.read(key), path=self.rec_path, where=where)
         return self._checked_label(class_label(header, path=self.rec_path, where=where), where), image
 
+    def first_image_size(self) -> tuple[int, int] | None:
+        """(height, width) of the first image record, from its header alone (PIL reads no pixels);
+        None when the dataset has no image or its first image's header cannot be read."""
+        import io
+
+        from PIL import Image, UnidentifiedImageError
+
+        if not len(self.image_keys):
+            return None
+        try:
+            with Image.open(io.BytesIO(self.read_image(int(self.image_keys[0]))[1])) as image:
+                width, height = image.size
+        except (UnidentifiedImageError, OSError):
+            return None
+        return int(height), int(width)
+
     def label(self, key: int) -> int:
         """Class label of image record ``key`` (reads only the record's header)."""
         key = int(key)

@@ -134,6 +134,37 @@ def test_a_batch_larger_than_the_dataset_is_refused_before_ray_starts(
     print(f"\nrefused in {seconds:.1f} s with: {last}")
 
 
+@pytest.mark.parametrize(("width", "property_text", "says"), [
+    (16, "3,20,20", "the images are 16x16 (WxH) but the property file says 20x20"),
+    (20, "3,16,20", "images are 16x20; the backbones take square crops"),
+])
+def test_a_property_file_of_another_or_a_non_square_size_is_refused_before_ray_starts(
+        tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, width: int, property_text: str, says: str) -> None:
+    """Issue 26: both passed the driver and failed in every worker at its first batch."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from data_pipeline.pack import write_insightface_dataset
+
+    def jpeg(seed: int) -> bytes:
+        out = io.BytesIO()
+        pixels = np.random.default_rng(seed).integers(0, 256, (16, width, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(out, format="JPEG")
+        return out.getvalue()
+
+    data = tmp_path / "data"
+    write_insightface_dataset(data, [(c, jpeg(10 * c + i)) for c in range(3) for i in range(4)], 3, (16, width))
+    (data / "property").write_text(property_text + "\n")
+    rc, out, _, _ = _fr_train(tmp_path, tmp_path_factory.mktemp("faults_cache"), "--num-workers", "1",
+                              "--name", "bad-size", "--data", str(data), timeout=120)
+    last = out.strip().splitlines()[-1]
+    assert rc == 1 and last.startswith("fr_train: error: ") and str(data / "property") in last, out[-3000:]
+    assert says in last, last
+    assert "Ray" not in out and not (tmp_path / "runs" / "bad-size").exists()
+
+
 @pytest.mark.slow
 def test_a_nan_loss_at_the_same_step_twice_fails_once_with_one_line(
         tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:

@@ -352,4 +352,5 @@ def test_the_trainer_starts_fresh_falls_back_refuses_and_overwrites_only_when_as
     assert (resumed_from, steps, set_aside_left) == (None, [1, 2, 3, 4], False)
     assert len(starts) == 1  # the replaced run's log went with it: no interleaved "start" events
     assert starts[0]["run_directory"]["replaced"] == [str(tmp_path / "r" / p) for p in
-                                                      ("checkpoints", "final", "train_log.jsonl", "config.json")]
+                                                      ("checkpoints", "final", "train_log.jsonl", "config.json",
+                                                       "tensorboard")]  # its curves too

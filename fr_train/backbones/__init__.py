@@ -103,3 +103,13 @@ def build_backbone(name: str, embedding_size: int = 512, dropout: float = 0.0, *
             f"backbone {name!r} has no option(s) {unknown}; valid options: {sorted(valid) or 'none'}"
         )
     return spec.builder(embedding_size=embedding_size, dropout=dropout, **kwargs)
+
+
+def square_side(image_size: tuple[int, int], where: object) -> int:
+    """The side of a dataset's square images; every backbone here takes square crops. ``where``
+    names the file the size came from (a dataset's property file)."""
+    height, width = image_size
+    if height != width:
+        raise ValueError(f"{where}: images are {height}x{width}; the backbones take square crops (e.g. 112x112): "
+                         "re-pack with a square size")
+    return int(height)

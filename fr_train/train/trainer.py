@@ -106,7 +106,7 @@ class Trainer(CheckpointingMixin, RecordsMixin):
     def _build(self) -> None:
         from data_pipeline.dali import DaliConfig, DaliFaceIterator
         from data_pipeline.dataset import open_dataset
-        from fr_train.backbones import build_backbone
+        from fr_train.backbones import build_backbone, square_side
         from fr_train.backbones.flops import count_flops
         from fr_train.backbones.norm import freeze_batch_norm
 
@@ -159,11 +159,9 @@ class Trainer(CheckpointingMixin, RecordsMixin):
 
         # Identical initial backbone on every rank (DeepSpeed also broadcasts rank 0's weights).
         seed_everything(cfg.run.seed)
-        if self.image_size[0] != self.image_size[1]:
-            raise ValueError(f"{data_dir}/property: images are {self.image_size[0]}x{self.image_size[1]}; "
-                             "the backbones take square crops (e.g. 112x112): re-pack with a square size")
         backbone = build_backbone(cfg.backbone.name, embedding_size=cfg.backbone.embedding_size,
-                                  dropout=cfg.backbone.dropout, image_size=self.image_size[0])
+                                  dropout=cfg.backbone.dropout,
+                                  image_size=square_side(self.image_size, data_dir / "property"))
         if cfg.backbone.freeze_bn:
             freeze_batch_norm(backbone)
         self.backbone_flops = count_flops(backbone, (1, 3, *self.image_size))
