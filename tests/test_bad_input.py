@@ -220,3 +220,23 @@ def test_missing_property_says_how_to_create_it(dataset_dir: Path, capsys: pytes
     assert f"{dataset_dir / 'property'}: property file not found" in message
     assert f"fr_pack --write-property {dataset_dir}" in message
     assert "property file not found" in verify_fails(dataset_dir, capsys)
+
+
+@pytest.mark.parametrize("case", ["raw image folders", "a .rec without its .idx", "an empty directory"])
+def test_a_data_folder_that_is_not_a_packed_dataset_names_the_missing_file_and_fr_pack(tmp_path: Path,
+                                                                                     case: str) -> None:
+    """`--data` pointed at what a user has before packing (issue 26): one line naming the file."""
+    data = tmp_path / "data"
+    data.mkdir()
+    missing = "train.rec"
+    if case == "raw image folders":
+        (data / "alice").mkdir()
+        (data / "alice" / "1.jpg").write_bytes(jpeg_bytes(1))
+    elif case == "a .rec without its .idx":
+        insightface_dataset(data, [2, 2])
+        (data / "train.idx").unlink()
+        missing = "train.idx"
+    with pytest.raises(DataFormatError) as err:
+        open_dataset(data)
+    assert str(err.value) == (f"{data / missing}: file not found. A dataset folder holds train.rec, train.idx and "
+                              "property; pack one with fr_pack")

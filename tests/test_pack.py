@@ -220,3 +220,62 @@ def test_verify_refuses_a_16_bit_image_another_tool_packed(tmp_path: Path) -> No
     write_insightface_dataset(tmp_path / "ds", samples, 2, (16, 16))
     with pytest.raises(DataFormatError, match=r"train\.rec: key 2 \(byte offset \d+\): image is I;16 \(more than 8 bits per sample\).*fr_pack"):
         verify_dataset(tmp_path / "ds")
+
+
+def _cmyk_jpeg() -> bytes:
+    out = io.BytesIO()
+    Image.new("CMYK", (16, 16), (0, 255, 255, 0)).save(out, format="JPEG", quality=95)  # red
+    return out.getvalue()
+
+
+def _webp() -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (16, 16), (0, 0, 255)).save(out, format="WEBP", lossless=True)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize(("name", "payload", "colour"), [
+    ("cmyk.jpg", _cmyk_jpeg, (255, 0, 0)),
+    ("blue.webp", _webp, (0, 0, 255)),
+])
+def test_cmyk_jpeg_and_webp_are_packed_as_rgb_jpeg_in_their_colours(tmp_path: Path, name: str, payload: object,
+                                                                     colour: tuple[int, int, int]) -> None:
+    """Issue 26's careless inputs: what a crawl of the web holds beside RGB JPEGs."""
+    src = identity_folders(tmp_path / "src", [1, 1])
+    (src / "id_01" / name).write_bytes(payload())  # type: ignore[operator]
+    assert main([str(src), str(tmp_path / "out"), "--image-size", "16", "16", "--workers", "1", "--no-progress"]) == 0
+    with open_dataset(tmp_path / "out") as dataset:
+        label, data = dataset.read_image(2)  # key 1 is id_00's image; id_01's first (sorted) is this one
+        with Image.open(io.BytesIO(data)) as image:
+            assert (label, image.format, image.mode) == (1, "JPEG", "RGB")
+            assert np.abs(np.asarray(image, dtype=float).mean(axis=(0, 1)) - colour).max() < 8
+
+
+def test_names_with_spaces_and_non_ascii_characters_are_kept(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    for folder, file in (("José Ñ", "ü 1.jpg"), ("李 小龙", "照片 2.jpg")):
+        (src / folder).mkdir(parents=True)
+        (src / folder / file).write_bytes(jpeg_bytes(len(folder)))
+    assert main([str(src), str(tmp_path / "out"), "--image-size", "16", "16", "--workers", "1", "--no-progress"]) == 0
+    assert (tmp_path / "out" / "identities.txt").read_text(encoding="utf-8") == "0\tJosé Ñ\n1\t李 小龙\n"
+
+
+def _bomb(src: Path) -> None:
+    """A 109 KB PNG declaring 30000 × 30000 pixels."""
+    Image.new("1", (30000, 30000)).save(src / "id_01" / "bomb.png", optimize=True)
+
+
+@pytest.mark.parametrize(("make", "message"), [
+    (lambda src: (src / "id_01" / "empty.jpg").write_bytes(b""), "empty.jpg: not a readable image"),
+    (lambda src: (src / "id_01" / "notes.jpg").write_text("not an image"), "notes.jpg: not a readable image"),
+    (_bomb, "bomb.png: not a readable image (Image size (900000000 pixels) exceeds limit"),
+    (lambda src: (src / "id_01" / "loop").symlink_to(src / "id_01"), "loop: nested folder"),
+])
+def test_unreadable_oversized_and_looping_entries_are_refused_naming_them(
+        tmp_path: Path, capsys: pytest.CaptureFixture, make: object, message: str) -> None:
+    src = identity_folders(tmp_path / "src", [1, 1])
+    make(src)  # type: ignore[operator]
+    assert main([str(src), str(tmp_path / "out"), "--image-size", "16", "16", "--workers", "1", "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "out" / "train.rec").exists()
