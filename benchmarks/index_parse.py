@@ -29,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from data_pipeline import recordio
+from data_pipeline import idx_text
 
 
 def write_index(path: Path, lines: int) -> None:
@@ -44,7 +44,7 @@ def write_index(path: Path, lines: int) -> None:
 
 def string_parser(path: Path) -> tuple[np.ndarray, np.ndarray]:
     raw = np.fromfile(path, dtype=np.uint8)
-    return recordio._checked_columns(path, recordio._parse_index_text(path, raw))
+    return idx_text._checked_columns(path, idx_text._parse_index_text(path, raw))
 
 
 def measure(parse: Callable[[Path], tuple[np.ndarray, np.ndarray]], path: Path, repeat: int) -> dict[str, float]:
@@ -72,7 +72,7 @@ def main() -> None:
     for n in args.lines:
         path = args.cache / f"{n}.idx"
         write_index(path, n)
-        for name, parse in (("string parser (baseline)", string_parser), ("read_index (array)", recordio.read_index)):
+        for name, parse in (("string parser (baseline)", string_parser), ("read_index (array)", idx_text.read_index)):
             m = measure(parse, path, args.repeat)
             rows.append({"lines": n, "parser": name, **m, "us_per_line": m["seconds"] / n * 1e6,
                          "bytes_per_line": m["peak_bytes"] / n})

@@ -29,13 +29,12 @@ this relies on.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
 import re
 import uuid
 import warnings
+import zlib
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -43,9 +42,12 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import numpy as np
 
+from data_pipeline.array_file import read_array_file, write_array_file
 from data_pipeline.atomic import atomic_write_bytes
 from data_pipeline.dataset import FaceRecordDataset, open_dataset
 from data_pipeline.errors import DataFormatError, data_error
+from data_pipeline.idx_text import write_index_text
+from data_pipeline.index_cache import sort_order
 from data_pipeline.recordio import IR_SIZE, MAGIC
 
 if TYPE_CHECKING:
@@ -54,8 +56,8 @@ if TYPE_CHECKING:
 
 IMAGE_INDEX_NAME = "train_images.idx"
 META_NAME = "train_images.json"  # written last: its presence commits the other two files
-ARRAYS_NAME = "train_images.npz"
-_FORMAT = "fr_train.dali_index/2"  # 2: image signatures checked
+ARRAYS_NAME = "train_images.arrays"  # data_pipeline/array_file.py: memory-mapped by every rank
+_FORMAT = "fr_train.dali_index/3"  # 2: image signatures checked; 3: memory-mapped arrays, images by label
 _STATE_FORMAT = "fr_train.dali_iterator/1"
 _LENGTH_MASK = (1 << 29) - 1
 _REPACK = "Re-pack the dataset with fr_pack (images first, then identity records)"
@@ -79,6 +81,8 @@ class DaliIndex:
     layout: str
     tail_bytes: int  # bytes after the last image record (identity records) inside its DALI range
     labels_sorted: bool  # file order is sorted by label: the window shuffle mixes few identities
+    by_label: np.ndarray  # int64 positions of the images sorted by label (stable): class c's images are
+    label_starts: np.ndarray  # by_label[label_starts[c]:label_starts[c + 1]]; int64 [num_classes + 1]
 
     def __len__(self) -> int:
         return len(self.offsets)
@@ -99,12 +103,12 @@ def _stat(path: Path) -> dict[str, Any]:
     return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
+def _crc32(path: Path) -> int:
+    crc = 0
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        for block in iter(lambda: f.read(1 << 24), b""):
+            crc = zlib.crc32(block, crc)
+    return crc
 
 
 def _frame_ends(words: np.ndarray, offsets: np.ndarray, rec_path: Path, keys: np.ndarray) -> np.ndarray:
@@ -160,12 +164,15 @@ def _records_by_offset(ds: FaceRecordDataset) -> tuple[np.ndarray, np.ndarray, n
     image_keys = np.asarray(ds.image_keys, dtype=np.int64)
     if len(image_keys) == 0:
         raise data_error(ds.rec_path, "", "dataset has no image records", "Pack images first (fr_pack)")
-    order = np.argsort(keys, kind="stable")
+    sorted_keys = np.asarray(ds.reader.sorted_keys)
     is_image = np.zeros(len(keys), dtype=bool)
     # The layout takes its image keys from the index, so every one of them is found here.
-    is_image[order[np.searchsorted(keys[order], image_keys)]] = True
-    by_offset = np.argsort(offsets, kind="stable")
-    keys, offsets, is_image = keys[by_offset], offsets[by_offset], is_image[by_offset]
+    order = sort_order(keys)
+    rows = np.searchsorted(sorted_keys, image_keys)
+    is_image[rows if order is None else order[rows]] = True
+    by_offset = sort_order(offsets)  # None for a packed file: no copies made
+    if by_offset is not None:
+        keys, offsets, is_image = keys[by_offset], offsets[by_offset], is_image[by_offset]
     dup = np.flatnonzero(offsets[1:] == offsets[:-1])
     if dup.size:
         a, b = int(keys[dup[0]]), int(keys[dup[0] + 1])
@@ -304,21 +311,31 @@ def _scan(dataset_dir: Path) -> tuple[dict[str, Any], np.ndarray, np.ndarray, np
     return meta, keys, offsets, labels
 
 
-def _fresh(meta_path: Path, dataset_dir: Path, out_dir: Path) -> dict[str, Any] | None:
-    """The stored metadata if it still describes the dataset's current files and our outputs, else None."""
+def _load_fresh(dataset_dir: Path, out_dir: Path) -> DaliIndex | None:
+    """The prepared index if its metadata still describes the dataset's current files and our outputs
+    (the text index by size and CRC-32, the arrays by their own CRC-32s), else None."""
     try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        meta = json.loads((out_dir / META_NAME).read_text(encoding="utf-8"))
         if meta.get("format") != _FORMAT:
             return None
         for name, file in (("rec", "train.rec"), ("idx", "train.idx"), ("property", "property")):
             if meta[name] != _stat(dataset_dir / file):
                 return None
-        for name in (IMAGE_INDEX_NAME, ARRAYS_NAME):
-            if meta["outputs"][name] != _sha256(out_dir / name):
-                return None
+        text = meta["outputs"][IMAGE_INDEX_NAME]
+        if (out_dir / IMAGE_INDEX_NAME).stat().st_size != text["size"] or _crc32(out_dir / IMAGE_INDEX_NAME) != text["crc32"]:
+            return None
+        found = read_array_file(out_dir / ARRAYS_NAME)
+        if found is None or found[0] != {"format": _FORMAT, "id": meta["outputs"][ARRAYS_NAME]}:
+            return None
+        arrays = found[1]
+        height, width = meta["image_size"]
+        return DaliIndex(index_path=out_dir / IMAGE_INDEX_NAME, rec_path=dataset_dir / "train.rec", keys=arrays["keys"],
+                         offsets=arrays["offsets"], labels=arrays["labels"], num_classes=int(meta["num_classes"]),
+                         image_size=(int(height), int(width)), layout=str(meta["layout"]),
+                         tail_bytes=int(meta["tail_bytes"]), labels_sorted=bool(meta["labels_sorted"]),
+                         by_label=arrays["by_label"], label_starts=arrays["label_starts"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return meta
 
 
 def prepare_dali_index(dataset_dir: str | Path, out_dir: str | Path | None = None) -> Path:
@@ -336,17 +353,17 @@ def prepare_dali_index(dataset_dir: str | Path, out_dir: str | Path | None = Non
     order. A shuffled epoch comes from DALI's window shuffle only, so a ``.rec`` sorted by identity
     gives batches of few identities unless ``initial_fill`` is large (see :class:`DaliConfig`).
 
-    Idempotent and atomic: next to the index go ``train_images.npz`` (keys, offsets, labels) and
-    ``train_images.json`` (size and mtime of ``train.rec``/``train.idx``/``property``, sha256 of the
-    other two outputs), written last. A call whose stored stamps still match returns at once;
+    Idempotent and atomic: next to the index go ``train_images.arrays`` (keys, offsets, labels and the
+    images grouped by label, memory-mapped by every rank: data_pipeline/array_file.py) and
+    ``train_images.json`` (size and mtime of ``train.rec``/``train.idx``/``property``, size and
+    CRC-32 of the text index, the arrays file's id), written last. A call whose stored stamps still match returns at once;
     otherwise everything is rebuilt under temporary names and renamed into place, so concurrent
     callers (several ranks) are safe. ``out_dir`` (default: the dataset folder) lets a read-only
     dataset keep its index elsewhere; use one ``out_dir`` per dataset.
     """
     dataset_dir = Path(dataset_dir)
     out_dir = Path(out_dir) if out_dir is not None else dataset_dir
-    meta_path = out_dir / META_NAME
-    if _fresh(meta_path, dataset_dir, out_dir) is not None:
+    if _load_fresh(dataset_dir, out_dir) is not None:
         return out_dir / IMAGE_INDEX_NAME
     meta, keys, offsets, labels = _scan(dataset_dir)
     try:
@@ -360,16 +377,19 @@ def prepare_dali_index(dataset_dir: str | Path, out_dir: str | Path | None = Non
 
 def _write_outputs(out_dir: Path, meta: dict[str, Any], keys: np.ndarray, offsets: np.ndarray,
                    labels: np.ndarray) -> None:
-    """Index, then arrays, then the metadata that names both by hash (the commit point)."""
-    index_bytes = "".join(f"{k}\t{o}\n" for k, o in zip(keys.tolist(), offsets.tolist(), strict=True)).encode("ascii")
-    atomic_write_bytes(out_dir / IMAGE_INDEX_NAME, index_bytes)
-    arrays_tmp = out_dir / f".{ARRAYS_NAME}.{os.getpid()}.{uuid.uuid4().hex}.npz"
-    try:
-        np.savez(arrays_tmp, keys=keys, offsets=offsets, labels=labels)
-        os.replace(arrays_tmp, out_dir / ARRAYS_NAME)
-    finally:
-        arrays_tmp.unlink(missing_ok=True)
-    meta["outputs"] = {name: _sha256(out_dir / name) for name in (IMAGE_INDEX_NAME, ARRAYS_NAME)}
+    """Index, then arrays, then the metadata that names both (the commit point)."""
+    write_index_text(out_dir / IMAGE_INDEX_NAME, keys, offsets)
+    order = sort_order(labels)  # None when the file is sorted by label (insightface packs are)
+    by_label = np.arange(len(labels), dtype=np.int64) if order is None else order
+    label_starts = np.zeros(int(meta["num_classes"]) + 1, dtype=np.int64)
+    np.cumsum(np.bincount(labels, minlength=int(meta["num_classes"])), out=label_starts[1:])
+    arrays_id = uuid.uuid4().hex
+    write_array_file(out_dir / ARRAYS_NAME, {"format": _FORMAT, "id": arrays_id},
+                     {"keys": keys, "offsets": offsets, "labels": labels, "by_label": by_label,
+                      "label_starts": label_starts})
+    meta["outputs"] = {IMAGE_INDEX_NAME: {"size": (out_dir / IMAGE_INDEX_NAME).stat().st_size,
+                                          "crc32": _crc32(out_dir / IMAGE_INDEX_NAME)},
+                       ARRAYS_NAME: arrays_id}
     atomic_write_bytes(out_dir / META_NAME, json.dumps(meta, indent=1).encode("utf-8"))
 
 
@@ -380,18 +400,17 @@ def indexed_image_count(dataset_dir: str | Path, out_dir: str | Path | None = No
 
 
 def load_dali_index(dataset_dir: str | Path, out_dir: str | Path | None = None) -> DaliIndex:
-    """Prepare (if needed) and load the image-only index of ``dataset_dir``."""
+    """Prepare (if needed) and load the image-only index of ``dataset_dir`` (arrays memory-mapped)."""
     dataset_dir = Path(dataset_dir)
     out_dir = Path(out_dir) if out_dir is not None else dataset_dir
-    index_path = prepare_dali_index(dataset_dir, out_dir)
-    meta = json.loads((out_dir / META_NAME).read_text(encoding="utf-8"))
-    with np.load(out_dir / ARRAYS_NAME, allow_pickle=False) as arrays:
-        keys, offsets, labels = arrays["keys"], arrays["offsets"], arrays["labels"]
-    height, width = meta["image_size"]
-    return DaliIndex(index_path=index_path, rec_path=dataset_dir / "train.rec", keys=keys, offsets=offsets,
-                     labels=labels, num_classes=int(meta["num_classes"]), image_size=(int(height), int(width)),
-                     layout=str(meta["layout"]), tail_bytes=int(meta["tail_bytes"]),
-                     labels_sorted=bool(meta["labels_sorted"]))
+    index = _load_fresh(dataset_dir, out_dir)
+    if index is None:
+        prepare_dali_index(dataset_dir, out_dir)
+        index = _load_fresh(dataset_dir, out_dir)
+    if index is None:  # rebuilt a moment ago: only a concurrent change of the dataset gets here
+        raise RuntimeError(f"{out_dir / META_NAME}: the DALI index was rebuilt but does not match {dataset_dir} "
+                           "now; is the dataset being rewritten while it is opened?")
+    return index
 
 
 # ---------------------------------------------------------------------------------------------

@@ -42,18 +42,19 @@ class Layout:
     """Which records of a ``.rec`` are images, as decided by :func:`detect_layout`."""
 
     kind: str  # 'insightface' | 'im2rec'
-    image_keys: np.ndarray  # int64, in the order training should see them
+    image_keys: np.ndarray  # int64, in the order training should see them (a read-only view of the index)
     identity_range: tuple[int, int] | None  # insightface: [first_identity_record, end)
 
 
 def detect_layout(reader: RecordReader) -> Layout:
-    """Apply the module's layout rule to an indexed reader."""
+    """Apply the module's layout rule to an indexed reader. O(1) in the number of records: the image
+    keys are a view of the index's memory-mapped arrays, not a copy."""
     if 0 not in reader:
-        return Layout("im2rec", np.array(reader.keys, dtype=np.int64), None)
+        return Layout("im2rec", reader.keys, None)
     where = f"key 0 (byte offset {reader.offset(0)})"
     header, image = unpack_record(reader.read(0), path=reader.rec_path, where=where)
     if header.flag != 2 or image:
-        return Layout("im2rec", np.array(reader.keys, dtype=np.int64), None)
+        return Layout("im2rec", reader.keys, None)
     a_f, b_f = header.label  # type: ignore[misc]
     shape_ok = a_f == int(a_f) and b_f == int(b_f) and 1 <= a_f <= b_f
     a, b = (int(a_f), int(b_f)) if shape_ok else (0, 0)
@@ -64,18 +65,17 @@ def detect_layout(reader: RecordReader) -> Layout:
             "whole numbers 1 <= first_identity_record <= end",
             "The header is corrupt; re-pack the dataset with fr_pack",
         )
-    keys = reader.keys
-    present = np.zeros(b, dtype=bool)
-    present[keys[keys < b]] = True
-    if not present.all():
-        missing = int(np.argmin(present))
+    sorted_keys = reader.sorted_keys
+    if not reader.lists_all_keys_below(b):
+        head = sorted_keys[:b]
+        missing = int(np.argmax(head != np.arange(len(head)))) if np.any(head != np.arange(len(head))) else len(head)
         raise data_error(
             reader.idx_path or reader.rec_path, f"key {missing}",
             f"key {missing} is missing: the insightface header (record 0 of {reader.rec_path.name}) says keys "
             f"0..{b - 1} exist ({b - a} identity records from key {a})",
             "The index is incomplete or belongs to another .rec; re-pack the dataset with fr_pack",
         )
-    return Layout("insightface", np.arange(1, a, dtype=np.int64), (a, b))
+    return Layout("insightface", sorted_keys[1:a], (a, b))  # keys 1..a-1, proven present
 
 
 def read_property(path: Path) -> tuple[int, tuple[int, int]]:

@@ -5,7 +5,7 @@ DALI's own reader shuffles records in file order inside a window, so a batch of 
 ``.rec`` would hold few identities and a shuffled one almost no positive pairs. Here the global
 batch is drawn in Python by :class:`PKSchedule` and read, sliced and decoded by the scheduled
 iterator (data_pipeline/scheduled.py: the same global batches at any world size). Each epoch visits
-the identities in a fresh random order, P per batch (``⌊#identities / P⌋`` batches); an identity
+the identities in a fresh random order (data_pipeline/shuffle.py), P per batch (``⌊#identities / P⌋`` batches); an identity
 with fewer than K images repeats some; the random flips are drawn with the batch.
 """
 
@@ -18,35 +18,55 @@ import numpy as np
 
 from data_pipeline.dali import DaliConfig
 from data_pipeline.scheduled import Schedule, ScheduledFaceIterator
+from data_pipeline.shuffle import Shuffle
 
-_STATE_FORMAT = "fr_train.pk_iterator/1"
+_STATE_FORMAT = "fr_train.pk_iterator/2"  # 2: identity orders by data_pipeline/shuffle.py
 
 
 class PKSchedule:
-    """Global P×K batches over images with ``labels`` (index order): pure, the same on every rank."""
+    """Global P×K batches over images with ``labels`` (index order): pure, the same on every rank.
 
-    def __init__(self, labels: np.ndarray, p: int, k: int, seed: int) -> None:
+    ``grouping`` is ``(by_label, label_starts)`` as the prepared index stores it (data_pipeline/dali.py:
+    class ``c``'s images are ``by_label[label_starts[c]:label_starts[c + 1]]``); without it the grouping
+    is computed from ``labels``. A batch costs O(P·K): the epoch's identity order is a pointwise
+    permutation (data_pipeline/shuffle.py), not an array of all identities.
+    """
+
+    def __init__(self, labels: np.ndarray, p: int, k: int, seed: int,
+                 grouping: tuple[np.ndarray, np.ndarray] | None = None) -> None:
         if p < 2 or k < 2:
             raise ValueError(f"a P×K batch needs P >= 2 identities and K >= 2 images each, got P={p}, K={k}")
-        self.labels, self.p, self.k, self.seed = np.asarray(labels, dtype=np.int64), p, k, seed
-        self.identities = np.unique(self.labels)
-        order = np.argsort(self.labels, kind="stable")
-        bounds = np.searchsorted(self.labels[order], self.identities)
-        self.images_of = dict(zip(self.identities.tolist(), np.split(order, bounds[1:]), strict=True))
+        self.p, self.k, self.seed = p, k, seed
+        if grouping is None:
+            labels = np.asarray(labels, dtype=np.int64)
+            by_label = np.argsort(labels, kind="stable")
+            starts = np.zeros(int(labels.max()) + 2 if labels.size else 1, dtype=np.int64)
+            np.cumsum(np.bincount(labels, minlength=len(starts) - 1), out=starts[1:])
+            grouping = (by_label, starts)
+        self.by_label, self.label_starts = grouping
+        self.identities = np.flatnonzero(np.diff(self.label_starts) > 0)  # classes with images (8 B per class)
         self.batches_per_epoch = len(self.identities) // p
         if self.batches_per_epoch == 0:
             raise ValueError(f"the dataset has {len(self.identities)} identities, fewer than P={p} per batch: "
                              "lower data.batch_size or data.pk_images_per_identity's P = global batch / K")
+        self._order: tuple[int, Shuffle] | None = None
+
+    def images_of(self, identity: int) -> np.ndarray:
+        """Positions (index order) of the images of class ``identity``."""
+        return self.by_label[self.label_starts[identity]:self.label_starts[identity + 1]]
 
     def global_batch(self, epoch: int, batch: int) -> tuple[np.ndarray, np.ndarray]:
         """(image indices [P·K], identities contiguous; mirror flags [P·K]) of global batch ``batch``."""
         if not 0 <= batch < self.batches_per_epoch:
             raise IndexError(f"batch {batch} is not in an epoch of {self.batches_per_epoch} batches")
-        order = np.random.default_rng([self.seed, epoch]).permutation(self.identities)
-        chosen = order[batch * self.p:(batch + 1) * self.p]
+        if self._order is None or self._order[0] != epoch:
+            self._order = (epoch, Shuffle(len(self.identities), [self.seed, epoch]))
+        chosen = self.identities[self._order[1](np.arange(batch * self.p, (batch + 1) * self.p))]
         rng = np.random.default_rng([self.seed, epoch, batch, 1])
-        picks = [rng.choice(self.images_of[int(c)], self.k, replace=len(self.images_of[int(c)]) < self.k)
-                 for c in chosen]
+        picks = []
+        for c in chosen.tolist():
+            images = self.images_of(c)
+            picks.append(rng.choice(images, self.k, replace=len(images) < self.k))
         return np.concatenate(picks), rng.integers(0, 2, self.p * self.k, dtype=np.int32)
 
 
@@ -56,6 +76,7 @@ class PKFaceIterator(ScheduledFaceIterator):
     ``batch_size × world_size × micro_batches`` must be a multiple of ``k``."""
 
     STATE_FORMAT = _STATE_FORMAT
+    PREVIOUS_FORMAT = "fr_train.pk_iterator/1"  # a materialised identity permutation per batch
 
     def __init__(self, dataset_dir: str | Path, config: DaliConfig, *, k: int, rank: int, world_size: int,
                  micro_batches: int = 1) -> None:
@@ -68,7 +89,8 @@ class PKFaceIterator(ScheduledFaceIterator):
         super().__init__(dataset_dir, config, rank=rank, world_size=world_size, micro_batches=micro_batches)
 
     def _make_schedule(self) -> Schedule:
-        return PKSchedule(self.index.labels, self.global_batch_size // self.k, self.k, self.config.seed)
+        return PKSchedule(self.index.labels, self.global_batch_size // self.k, self.k, self.config.seed,
+                          grouping=(self.index.by_label, self.index.label_starts))
 
     def _identity(self) -> dict[str, Any]:
         return {**super()._identity(), "k": self.k}

@@ -14,7 +14,6 @@ The payload of an image record is an ``IRHeader`` (``<IfQQ``: flag, label, id, i
 
 from __future__ import annotations
 
-import itertools
 import mmap
 import operator
 import struct
@@ -27,6 +26,8 @@ from types import TracebackType
 import numpy as np
 
 from data_pipeline.errors import DataFormatError, data_error
+from data_pipeline.idx_text import _REPACK_HINT, _REPACK_TAIL, read_index
+from data_pipeline.index_cache import IndexArrays, load_index
 
 MAGIC = 0xCED7230A
 MAGIC_BYTES = struct.pack("<I", MAGIC)
@@ -41,8 +42,6 @@ IR_FORMAT = "<IfQQ"
 _IR = struct.Struct(IR_FORMAT)
 IR_SIZE = _IR.size  # 24 bytes, identical to MXNet's native 'IfQQ' on little-endian machines
 
-_REPACK_TAIL = "re-create the .rec and .idx together (fr_pack, or MXNet's im2rec), or restore them from the source"
-_REPACK_HINT = "R" + _REPACK_TAIL[1:]
 
 
 @dataclass(frozen=True)
@@ -155,118 +154,6 @@ def class_label(header: IRHeader, *, path: str | Path = "<payload>", where: str 
     return int(value)
 
 
-_POW10 = 10 ** np.arange(18, dtype=np.int64)
-_CHUNK_BYTES = 1 << 21  # text parsed per step: its temporaries stay near 80 MB at any index size
-
-
-def _parse_canonical_index(data: np.ndarray) -> np.ndarray | None:
-    """``(N, 2)`` int64 from an index whose every line is ``<digits>\t<digits>\n`` (what MXNet and
-    fr_pack write), parsed with array operations in chunks of whole lines; None for anything else
-    (then the string parser names the bad line). Why: splitting the text into Python strings cost
-    ~140 bytes and 0.7 µs per line (issue 23: ~6 GB per rank at WebFace42M's 44.5M lines). ``data``
-    may be a memory map: only the result (16 bytes per line) and one chunk's temporaries are private."""
-    if data.size == 0 or data[-1] != 10:
-        return None
-    bounds = [0]
-    while bounds[-1] < data.size:  # chunks of whole lines
-        lo, hi = bounds[-1], min(bounds[-1] + _CHUNK_BYTES, data.size)
-        if hi < data.size:
-            back = np.flatnonzero(data[lo:hi] == 10)
-            if back.size == 0:
-                return None  # a line longer than a chunk is no canonical line
-            hi = lo + int(back[-1]) + 1
-        bounds.append(hi)
-    lines = [int(np.count_nonzero(data[lo:hi] == 10)) for lo, hi in itertools.pairwise(bounds)]
-    out = np.empty((sum(lines), 2), dtype=np.int64)
-    row = 0
-    for (lo, hi), n in zip(itertools.pairwise(bounds), lines, strict=True):
-        if not _parse_chunk(np.asarray(data[lo:hi]), out[row:row + n]):
-            return None
-        row += n
-    return out
-
-
-def _parse_chunk(chunk: np.ndarray, out: np.ndarray) -> bool:
-    """Parse whole canonical lines into ``out`` (one row per line); False if a line is not canonical."""
-    is_tab, is_nl = chunk == 9, chunk == 10
-    is_digit = (chunk >= 48) & (chunk <= 57)
-    if not np.all(is_digit | is_tab | is_nl):
-        return False
-    sep = np.flatnonzero(is_tab | is_nl)  # field ends, alternating tab / newline on a canonical index
-    if sep.size != 2 * len(out) or not (np.all(is_tab[sep[0::2]]) and np.all(is_nl[sep[1::2]])):
-        return False
-    starts = np.concatenate(([0], sep[:-1] + 1))
-    width = sep - starts
-    if width.min() < 1 or width.max() > 18:  # an empty field, or one that may not fit int64
-        return False
-    digits = np.flatnonzero(is_digit)
-    field = np.repeat(np.arange(sep.size), width)  # the field each digit belongs to, in order
-    contrib = (chunk[digits].astype(np.int64) - 48) * _POW10[sep[field] - digits - 1]  # d · 10^(place)
-    out[:] = np.add.reduceat(contrib, starts - np.arange(sep.size)).reshape(-1, 2)
-    return True
-
-
-def read_index(idx_path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """Parse an MXNet ``.idx`` (``key<TAB>offset`` lines) into int64 ``(keys, offsets)`` in file order.
-
-    Raises DataFormatError naming the line for a malformed line, a negative value or a duplicate key.
-    """
-    idx_path = Path(idx_path)
-    try:
-        size = idx_path.stat().st_size
-        raw = np.memmap(idx_path, dtype=np.uint8, mode="r") if size else np.zeros(0, dtype=np.uint8)
-    except FileNotFoundError:
-        raise data_error(idx_path, "", "index file not found",
-                         "Pass the .idx written with the .rec (fr_pack writes train.idx next to train.rec)") from None
-    values = _parse_canonical_index(raw)
-    if values is None:
-        values = _parse_index_text(idx_path, raw)
-    return _checked_columns(idx_path, values)
-
-
-def _parse_index_text(idx_path: Path, raw: np.ndarray) -> np.ndarray:
-    """Any other index (CRLF lines, spaces, a bad line): Python's string parser, naming the first bad line."""
-    try:
-        text = raw.tobytes().decode("ascii")
-    except UnicodeDecodeError as exc:
-        raise data_error(idx_path, f"byte offset {exc.start}", "index file is not ASCII text",
-                         "An .idx holds 'key<TAB>offset' lines; " + _REPACK_TAIL) from None
-    lines = text.split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()
-    tokens = text.split()
-    values: np.ndarray | None = None
-    if len(tokens) == 2 * len(lines) and all(line.count("\t") == 1 for line in lines):
-        try:
-            values = np.array(tokens, dtype=np.int64).reshape(-1, 2)
-        except (ValueError, OverflowError):
-            values = None
-    if values is None:  # slow path only to name the first bad line
-        for number, line in enumerate(lines, start=1):
-            fields = line.strip().split("\t")
-            if len(fields) != 2 or not all(f.strip().lstrip("-").isdigit() for f in fields):
-                raise data_error(idx_path, f"line {number}", f"expected 'key<TAB>offset' (two integers), got {line!r}",
-                                 _REPACK_HINT)
-        raise data_error(idx_path, "", "index could not be parsed as 'key<TAB>offset' lines", _REPACK_HINT)
-    return values
-
-
-def _checked_columns(idx_path: Path, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    keys = np.ascontiguousarray(values[:, 0])
-    offsets = np.ascontiguousarray(values[:, 1])
-    for name, column in (("key", keys), ("offset", offsets)):
-        if column.size and column.min() < 0:
-            line = int(np.argmax(column < 0)) + 1
-            raise data_error(idx_path, f"line {line}", f"negative {name} {int(column[line - 1])}", _REPACK_HINT)
-    order = np.argsort(keys, kind="stable")
-    dup = np.flatnonzero(keys[order][1:] == keys[order][:-1])
-    if dup.size:
-        first, second = sorted((int(order[dup[0]]) + 1, int(order[dup[0] + 1]) + 1))
-        raise data_error(idx_path, f"lines {first} and {second}", f"key {int(keys[first - 1])} appears twice",
-                         "Keys of an .idx must be unique; " + _REPACK_TAIL)
-    return keys, offsets
-
-
 class RecordWriter:
     """Write a ``.rec`` (and optionally its ``.idx``) exactly as MXNet's MXIndexedRecordIO does.
 
@@ -339,18 +226,18 @@ class RecordReader:
                 )
         except FileNotFoundError:
             raise data_error(self.rec_path, "", "RecordIO file not found", "Check the path") from None
-        self._keys: np.ndarray | None = None
-        self._offsets: np.ndarray | None = None
-        if self.idx_path is not None:
-            self._keys, self._offsets = read_index(self.idx_path)
-            self._order = np.argsort(self._keys, kind="stable")
-            self._sorted_keys = self._keys[self._order]
+        # The .idx arrays, memory-mapped from its cache (data_pipeline/index_cache.py): nothing per record
+        # is private to this process.
+        self._index: IndexArrays | None = load_index(self.idx_path) if self.idx_path is not None else None
 
     # -- index ---------------------------------------------------------------------------------
     def _require_index(self) -> tuple[np.ndarray, np.ndarray]:
-        if self._keys is None or self._offsets is None:
+        return self._require_arrays().keys, self._require_arrays().offsets
+
+    def _require_arrays(self) -> IndexArrays:
+        if self._index is None:
             raise ValueError(f"RecordReader({self.rec_path}) was opened without an .idx; pass idx_path for keyed access")
-        return self._keys, self._offsets
+        return self._index
 
     @property
     def size(self) -> int:
@@ -371,26 +258,31 @@ class RecordReader:
         offsets.flags.writeable = False
         return offsets
 
-    def __len__(self) -> int:
-        return len(self._require_index()[0])
+    @property
+    def sorted_keys(self) -> np.ndarray:
+        """All keys of the ``.idx`` in ascending order (int64, read-only view)."""
+        keys = self._require_arrays().sorted_keys.view()
+        keys.flags.writeable = False
+        return keys
 
-    def _position(self, key: int) -> int:
-        """Row of ``key`` in the ``.idx`` or -1."""
-        self._require_index()
-        i = int(np.searchsorted(self._sorted_keys, key))
-        if i < len(self._sorted_keys) and self._sorted_keys[i] == key:
-            return int(self._order[i])
-        return -1
+    def __len__(self) -> int:
+        return len(self._require_arrays())
 
     def __contains__(self, key: object) -> bool:
-        return isinstance(key, (int, np.integer)) and self._position(int(key)) >= 0
+        return isinstance(key, (int, np.integer)) and self._require_arrays().offset_of(int(key)) >= 0
 
     def offset(self, key: int) -> int:
         """Byte offset of ``key`` as listed in the ``.idx``; KeyError naming the index if absent."""
-        row = self._position(int(key))
-        if row < 0:
+        offset = self._require_arrays().offset_of(int(key))
+        if offset < 0:
             raise KeyError(f"{self.idx_path}: key {key} is not in the index")
-        return int(self._offsets[row])  # type: ignore[index]
+        return offset
+
+    def lists_all_keys_below(self, end: int) -> bool:
+        """Whether every key ``0..end-1`` is in the index. O(1): keys are unique and non-negative, so
+        the ``end`` smallest are exactly ``0..end-1`` iff the ``end``-th smallest is ``end - 1``."""
+        keys = self._require_arrays().sorted_keys
+        return end <= 0 or (len(keys) >= end and int(keys[end - 1]) == end - 1)
 
     def _key_where(self, key: int, offset: int) -> str:
         return f"key {key} (byte offset {offset} listed in {self.idx_path})"

@@ -14,13 +14,14 @@ One global batch is one optimizer step of ``G`` images. With gradient accumulati
 rows ``[m·G/M + r·b, m·G/M + (r+1)·b)`` of micro-batch ``m`` (``b = G / (M·W)``, the pipeline's
 batch size). The step's images are the same set for every ``(W, M)`` with ``b·W·M = G``.
 
-Two schedules: :class:`PermutationSchedule` (``data.sampler=global``: one seeded permutation of all
+Two schedules: :class:`PermutationSchedule` (``data.sampler=global``: one seeded order of all
 images per epoch) and ``data_pipeline.pk_sampler.PKSchedule`` (``pk``: P identities × K images).
 A position is ``(epoch, batch)``, so a checkpoint resumes on any world size with the same ``G``.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -29,6 +30,7 @@ import numpy as np
 
 from data_pipeline.dali import DaliConfig, FaceBatch, import_dali, load_dali_index
 from data_pipeline.dataset import open_dataset
+from data_pipeline.shuffle import Shuffle
 
 if TYPE_CHECKING:
     from nvidia.dali import Pipeline
@@ -43,9 +45,10 @@ class Schedule(Protocol):
 
 
 class PermutationSchedule:
-    """Every epoch visits the images in a fresh permutation seeded by ``(seed, epoch)``, cut into
-    ``⌊N / G⌋`` global batches of ``G`` (the last ``N mod G`` images of the permutation, a different
-    random subset each epoch, are left out: a padded sample would count twice in the loss)."""
+    """Every epoch visits the images in a fresh order seeded by ``(seed, epoch)`` (a pointwise
+    permutation, data_pipeline/shuffle.py: no per-epoch array, O(G) per batch), cut into ``⌊N / G⌋``
+    global batches of ``G`` (the last ``N mod G`` positions of the order, a different random subset of
+    images each epoch, are left out: a padded sample would count twice in the loss)."""
 
     def __init__(self, num_images: int, global_batch: int, seed: int) -> None:
         if global_batch < 1:
@@ -55,14 +58,14 @@ class PermutationSchedule:
         if self.batches_per_epoch == 0:
             raise ValueError(f"the dataset has {num_images} images, fewer than one global batch of {global_batch}: "
                              "lower data.batch_size or run.grad_accum")
-        self._order: tuple[int, np.ndarray] | None = None
+        self._order: tuple[int, Shuffle] | None = None
 
     def global_batch(self, epoch: int, batch: int) -> tuple[np.ndarray, np.ndarray]:
         if not 0 <= batch < self.batches_per_epoch:
             raise IndexError(f"batch {batch} is not in an epoch of {self.batches_per_epoch} batches")
-        if self._order is None or self._order[0] != epoch:  # one permutation per epoch, kept while it lasts
-            self._order = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.num_images))
-        indices = self._order[1][batch * self.size:(batch + 1) * self.size]
+        if self._order is None or self._order[0] != epoch:
+            self._order = (epoch, Shuffle(self.num_images, [self.seed, epoch]))
+        indices = self._order[1](np.arange(batch * self.size, (batch + 1) * self.size))
         mirror = np.random.default_rng([self.seed, epoch, batch, 1]).integers(0, 2, self.size, dtype=np.int32)
         return indices, mirror
 
@@ -72,7 +75,8 @@ class ScheduledFaceIterator:
     in micro-batches, epochs, ``reset``, ``state_dict``; plus :meth:`seek`). ``config.batch_size`` is
     this rank's micro-batch ``b``; the global batch is ``b × world_size × micro_batches``."""
 
-    STATE_FORMAT = "fr_train.scheduled_iterator/1"
+    STATE_FORMAT = "fr_train.scheduled_iterator/2"  # 2: epoch orders by data_pipeline/shuffle.py
+    PREVIOUS_FORMAT = "fr_train.scheduled_iterator/1"  # a materialised permutation per epoch
 
     def __init__(self, dataset_dir: str | Path, config: DaliConfig, *, rank: int, world_size: int,
                  micro_batches: int = 1) -> None:
@@ -212,7 +216,12 @@ class ScheduledFaceIterator:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue after the saved global batch (any world size with the same global batch and seed)."""
-        if state.get("format") != self.STATE_FORMAT:
+        if state.get("format") == self.PREVIOUS_FORMAT:  # saved before the pointwise orders: same positions
+            warnings.warn(f"the data position (epoch {state.get('epoch')}, batch {state.get('batch')}) was saved by an "
+                          f"older fr_train ({self.PREVIOUS_FORMAT}) whose epoch order was another permutation: the rest "
+                          "of this epoch visits a different subset of images than the saved run would have; later "
+                          "epochs are complete as always", stacklevel=2)
+        elif state.get("format") != self.STATE_FORMAT:
             raise ValueError(f"not a {type(self).__name__} state (format {state.get('format')!r}, "
                              f"expected {self.STATE_FORMAT!r})")
         diff = {k: (state.get(k), v) for k, v in self._identity().items() if state.get(k) != v}

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_pipeline import recordio
+from data_pipeline import idx_text
 from data_pipeline.dataset import open_dataset
 from data_pipeline.errors import DataFormatError
 from data_pipeline.recordio import (
@@ -188,7 +188,7 @@ def test_the_array_parser_reads_an_index_as_the_string_parser_does(tmp_path: Pat
     """The canonical index (``<digits>\\t<digits>\\n``, as MXNet and fr_pack write it) is parsed with
     array operations (~16 bytes a line kept, issue 23); the result equals the string parser's, to
     offsets of 18 digits, over any chunking."""
-    monkeypatch.setattr(recordio, "_CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(idx_text, "_CHUNK_BYTES", chunk_bytes)
     rng = np.random.default_rng(23)
     keys = rng.permutation(5000) * 7 + 1
     offsets = np.sort(rng.integers(0, 10**17, 5000))
@@ -196,7 +196,7 @@ def test_the_array_parser_reads_an_index_as_the_string_parser_does(tmp_path: Pat
     idx = tmp_path / "x.idx"
     idx.write_text("".join(f"{k}\t{o}\n" for k, o in zip(keys, offsets, strict=True)))
     raw = np.fromfile(idx, dtype=np.uint8)
-    assert np.array_equal(recordio._parse_canonical_index(raw), recordio._parse_index_text(idx, raw))
+    assert np.array_equal(idx_text._parse_canonical_index(raw), idx_text._parse_index_text(idx, raw))
     got_keys, got_offsets = read_index(idx)
     assert got_keys.tolist() == keys.tolist() and got_offsets.tolist() == offsets.tolist()
 
