@@ -232,7 +232,8 @@ class RecordReader:
 
     # -- index ---------------------------------------------------------------------------------
     def _require_index(self) -> tuple[np.ndarray, np.ndarray]:
-        return self._require_arrays().keys, self._require_arrays().offsets
+        index = self._require_arrays()
+        return index.keys, index.offsets
 
     def _require_arrays(self) -> IndexArrays:
         if self._index is None:
