@@ -46,6 +46,19 @@ def _crc32(buffer: memoryview) -> int:
     return crc
 
 
+def file_crc32(path: str | os.PathLike[str]) -> int:
+    """CRC-32 of a whole file, read through a memory map (the pages go to the shared page cache)."""
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            return 0
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            view = memoryview(buf)
+            try:
+                return _crc32(view)
+            finally:
+                view.release()
+
+
 def write_array_file(path: str | os.PathLike[str], meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> Path:
     """Write ``arrays`` (any numeric dtypes, stored little-endian) and ``meta`` (JSON) atomically."""
     prepared = {name: np.ascontiguousarray(a, dtype=np.asarray(a).dtype.newbyteorder("<")) for name, a in arrays.items()}
@@ -106,4 +119,4 @@ def read_array_file(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[
     return meta, arrays
 
 
-__all__ = ["read_array_file", "write_array_file"]
+__all__ = ["file_crc32", "read_array_file", "write_array_file"]

@@ -34,7 +34,6 @@ import math
 import re
 import uuid
 import warnings
-import zlib
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -42,7 +41,7 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import numpy as np
 
-from data_pipeline.array_file import read_array_file, write_array_file
+from data_pipeline.array_file import file_crc32, read_array_file, write_array_file
 from data_pipeline.atomic import atomic_write_bytes
 from data_pipeline.dataset import FaceRecordDataset, open_dataset
 from data_pipeline.errors import DataFormatError, data_error
@@ -101,14 +100,6 @@ class DaliIndex:
 def _stat(path: Path) -> dict[str, Any]:
     st = path.stat()
     return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-
-
-def _crc32(path: Path) -> int:
-    crc = 0
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            crc = zlib.crc32(block, crc)
-    return crc
 
 
 def _frame_ends(words: np.ndarray, offsets: np.ndarray, rec_path: Path, keys: np.ndarray) -> np.ndarray:
@@ -322,7 +313,7 @@ def _load_fresh(dataset_dir: Path, out_dir: Path) -> DaliIndex | None:
             if meta[name] != _stat(dataset_dir / file):
                 return None
         text = meta["outputs"][IMAGE_INDEX_NAME]
-        if (out_dir / IMAGE_INDEX_NAME).stat().st_size != text["size"] or _crc32(out_dir / IMAGE_INDEX_NAME) != text["crc32"]:
+        if (out_dir / IMAGE_INDEX_NAME).stat().st_size != text["size"] or file_crc32(out_dir / IMAGE_INDEX_NAME) != text["crc32"]:
             return None
         found = read_array_file(out_dir / ARRAYS_NAME)
         if found is None or found[0] != {"format": _FORMAT, "id": meta["outputs"][ARRAYS_NAME]}:
@@ -375,20 +366,27 @@ def prepare_dali_index(dataset_dir: str | Path, out_dir: str | Path | None = Non
     return out_dir / IMAGE_INDEX_NAME
 
 
+def group_by_label(labels: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(by_label, label_starts)``: image positions sorted by label (stable) and, for each class ``c``,
+    where its run starts, so class ``c``'s images are ``by_label[label_starts[c]:label_starts[c + 1]]``."""
+    order = sort_order(labels)  # None when the file is sorted by label (insightface packs are)
+    by_label = np.arange(len(labels), dtype=np.int64) if order is None else order
+    label_starts = np.zeros(num_classes + 1, dtype=np.int64)
+    np.cumsum(np.bincount(labels, minlength=num_classes), out=label_starts[1:])
+    return by_label, label_starts
+
+
 def _write_outputs(out_dir: Path, meta: dict[str, Any], keys: np.ndarray, offsets: np.ndarray,
                    labels: np.ndarray) -> None:
     """Index, then arrays, then the metadata that names both (the commit point)."""
     write_index_text(out_dir / IMAGE_INDEX_NAME, keys, offsets)
-    order = sort_order(labels)  # None when the file is sorted by label (insightface packs are)
-    by_label = np.arange(len(labels), dtype=np.int64) if order is None else order
-    label_starts = np.zeros(int(meta["num_classes"]) + 1, dtype=np.int64)
-    np.cumsum(np.bincount(labels, minlength=int(meta["num_classes"])), out=label_starts[1:])
+    by_label, label_starts = group_by_label(labels, int(meta["num_classes"]))
     arrays_id = uuid.uuid4().hex
     write_array_file(out_dir / ARRAYS_NAME, {"format": _FORMAT, "id": arrays_id},
                      {"keys": keys, "offsets": offsets, "labels": labels, "by_label": by_label,
                       "label_starts": label_starts})
     meta["outputs"] = {IMAGE_INDEX_NAME: {"size": (out_dir / IMAGE_INDEX_NAME).stat().st_size,
-                                          "crc32": _crc32(out_dir / IMAGE_INDEX_NAME)},
+                                          "crc32": file_crc32(out_dir / IMAGE_INDEX_NAME)},
                        ARRAYS_NAME: arrays_id}
     atomic_write_bytes(out_dir / META_NAME, json.dumps(meta, indent=1).encode("utf-8"))
 

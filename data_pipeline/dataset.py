@@ -67,8 +67,8 @@ def detect_layout(reader: RecordReader) -> Layout:
         )
     sorted_keys = reader.sorted_keys
     if not reader.lists_all_keys_below(b):
-        head = sorted_keys[:b]
-        missing = int(np.argmax(head != np.arange(len(head)))) if np.any(head != np.arange(len(head))) else len(head)
+        gaps = np.flatnonzero(sorted_keys[:b] != np.arange(min(b, len(sorted_keys))))
+        missing = int(gaps[0]) if gaps.size else len(sorted_keys)  # the first absent key
         raise data_error(
             reader.idx_path or reader.rec_path, f"key {missing}",
             f"key {missing} is missing: the insightface header (record 0 of {reader.rec_path.name}) says keys "

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from data_pipeline.dali import DaliConfig
+from data_pipeline.dali import DaliConfig, group_by_label
 from data_pipeline.scheduled import Schedule, ScheduledFaceIterator
 from data_pipeline.shuffle import Shuffle
 
@@ -39,17 +39,13 @@ class PKSchedule:
         self.p, self.k, self.seed = p, k, seed
         if grouping is None:
             labels = np.asarray(labels, dtype=np.int64)
-            by_label = np.argsort(labels, kind="stable")
-            starts = np.zeros(int(labels.max()) + 2 if labels.size else 1, dtype=np.int64)
-            np.cumsum(np.bincount(labels, minlength=len(starts) - 1), out=starts[1:])
-            grouping = (by_label, starts)
+            grouping = group_by_label(labels, int(labels.max()) + 1 if labels.size else 0)
         self.by_label, self.label_starts = grouping
         self.identities = np.flatnonzero(np.diff(self.label_starts) > 0)  # classes with images (8 B per class)
         self.batches_per_epoch = len(self.identities) // p
         if self.batches_per_epoch == 0:
             raise ValueError(f"the dataset has {len(self.identities)} identities, fewer than P={p} per batch: "
                              "lower data.batch_size or data.pk_images_per_identity's P = global batch / K")
-        self._order: tuple[int, Shuffle] | None = None
 
     def images_of(self, identity: int) -> np.ndarray:
         """Positions (index order) of the images of class ``identity``."""
@@ -59,9 +55,8 @@ class PKSchedule:
         """(image indices [P·K], identities contiguous; mirror flags [P·K]) of global batch ``batch``."""
         if not 0 <= batch < self.batches_per_epoch:
             raise IndexError(f"batch {batch} is not in an epoch of {self.batches_per_epoch} batches")
-        if self._order is None or self._order[0] != epoch:
-            self._order = (epoch, Shuffle(len(self.identities), [self.seed, epoch]))
-        chosen = self.identities[self._order[1](np.arange(batch * self.p, (batch + 1) * self.p))]
+        order = Shuffle(len(self.identities), [self.seed, epoch])  # O(1) to make: nothing kept per epoch
+        chosen = self.identities[order(np.arange(batch * self.p, (batch + 1) * self.p))]
         rng = np.random.default_rng([self.seed, epoch, batch, 1])
         picks = []
         for c in chosen.tolist():

@@ -43,7 +43,6 @@ _IR = struct.Struct(IR_FORMAT)
 IR_SIZE = _IR.size  # 24 bytes, identical to MXNet's native 'IfQQ' on little-endian machines
 
 
-
 @dataclass(frozen=True)
 class IRHeader:
     """MXNet's image-record header.

@@ -58,14 +58,12 @@ class PermutationSchedule:
         if self.batches_per_epoch == 0:
             raise ValueError(f"the dataset has {num_images} images, fewer than one global batch of {global_batch}: "
                              "lower data.batch_size or run.grad_accum")
-        self._order: tuple[int, Shuffle] | None = None
 
     def global_batch(self, epoch: int, batch: int) -> tuple[np.ndarray, np.ndarray]:
         if not 0 <= batch < self.batches_per_epoch:
             raise IndexError(f"batch {batch} is not in an epoch of {self.batches_per_epoch} batches")
-        if self._order is None or self._order[0] != epoch:
-            self._order = (epoch, Shuffle(self.num_images, [self.seed, epoch]))
-        indices = self._order[1](np.arange(batch * self.size, (batch + 1) * self.size))
+        order = Shuffle(self.num_images, [self.seed, epoch])  # O(1) to make: nothing kept per epoch
+        indices = order(np.arange(batch * self.size, (batch + 1) * self.size))
         mirror = np.random.default_rng([self.seed, epoch, batch, 1]).integers(0, 2, self.size, dtype=np.int32)
         return indices, mirror
 
