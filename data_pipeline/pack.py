@@ -1,5 +1,8 @@
 """``fr_pack``: image folders → insightface ``train.rec/.idx/property``, and ``fr_pack --verify``.
 
+With ``--landmarks FILE`` the folders may hold raw photos instead of aligned crops: each photo is
+warped onto the ArcFace crop by its five points (:mod:`data_pipeline.face_align`) while packing.
+
 The library entry point :func:`write_insightface_dataset` is what the synthetic-identity generator
 and the folder packer share, so every dataset this project writes has the same layout:
 record 0 = header with labels ``[first_identity_record, end]``, images at keys ``1..``, then one
@@ -21,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
+import cv2
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
@@ -35,6 +39,8 @@ from data_pipeline.dataset import (
     write_property,
 )
 from data_pipeline.errors import DataFormatError, data_error
+from data_pipeline.face_align import align_face, similarity_transform, template_for
+from data_pipeline.five_points import FivePoints, read_five_points
 from data_pipeline.recordio import (
     IRHeader,
     RecordReader,
@@ -181,6 +187,19 @@ class PackOptions:
     workers: int = 1
     progress: bool = True
     overwrite: bool = False  # replace the dataset of a non-empty OUT (fr_pack --overwrite)
+    landmarks: Path | None = None  # five-point file of raw photos: align each onto the ArcFace crop
+
+    def __post_init__(self) -> None:
+        """Refuse option sets whose result would be ambiguous, before any file is touched: the ArcFace
+        crop is square, and an aligned crop already has the pack's size, so --resize has nothing to do
+        (accepting it silently would suggest it changed something)."""
+        if self.landmarks is None:
+            return
+        height, width = self.image_size
+        if height != width:
+            raise ValueError(f"landmark alignment makes square crops; image_size must be square, got {height}x{width}")
+        if self.resize:
+            raise ValueError("resize does not apply with landmarks: each photo is aligned straight to image_size")
 
 
 def check_output_dir(out_dir: Path, overwrite: bool) -> None:
@@ -263,16 +282,21 @@ def to_8_bits(image: Image.Image, path: Path) -> Image.Image:
     return image
 
 
-def load_face_image(path: Path, label: int, options: PackOptions) -> tuple[int, bytes]:
+def load_face_image(path: Path, label: int, options: PackOptions,
+                    landmarks: np.ndarray | None = None) -> tuple[int, bytes]:
     """Read, fully decode and size-check one image; returns (label, JPEG/PNG bytes to store).
 
     An RGB JPEG of the right size is stored byte for byte (no generation loss); anything else
-    (PNG with alpha, grayscale, other formats, --resize) is re-encoded as RGB JPEG.
+    (PNG with alpha, grayscale, other formats, --resize) is re-encoded as RGB JPEG. With
+    ``landmarks`` (5x2, x y in the stored pixels of the file, no EXIF rotation applied) the image
+    may have any size: it is aligned onto the ArcFace crop and the crop is re-encoded the same way.
     """
     raw = path.read_bytes()
     try:
         with Image.open(io.BytesIO(raw)) as image:
             image.load()
+            if landmarks is not None:
+                return label, _aligned_jpeg(image, path, landmarks, options)
             fmt, mode, size = image.format, image.mode, image.size
             height, width = options.image_size
             if size != (width, height):
@@ -291,9 +315,87 @@ def load_face_image(path: Path, label: int, options: PackOptions) -> tuple[int, 
         raise data_error(path, "", f"not a readable image ({exc})", "Remove or replace the file") from None
 
 
-def _load_task(task: tuple[int, str, PackOptions]) -> tuple[int, bytes]:
-    label, path, options = task
-    return load_face_image(Path(path), label, options)
+def _aligned_jpeg(image: Image.Image, path: Path, landmarks: np.ndarray, options: PackOptions) -> bytes:
+    """The ArcFace crop of a decoded photo, as RGB JPEG at ``options.quality`` (the quality every
+    re-encoded image of the pack gets, so aligned and pre-cropped sources are stored alike).
+
+    The landmarks were checked in the parent (:func:`match_landmarks`); turning a ValueError or
+    cv2.error into DataFormatError here is only the backstop, so that whatever the warp still
+    refuses ends the pack with the image's name rather than a worker's traceback.
+    """
+    pixels = np.asarray(to_8_bits(image, path).convert("RGB"))
+    try:
+        crop = align_face(pixels, landmarks, options.image_size[0])
+    except (ValueError, cv2.error) as exc:
+        raise data_error(path, "", f"cannot be aligned by its landmarks ({str(exc).strip()})",
+                         "Fix or drop its line in the landmark file, or move the image out of SRC_DIR") from None
+    buffer = io.BytesIO()
+    Image.fromarray(crop).save(buffer, format="JPEG", quality=options.quality)
+    return buffer.getvalue()
+
+
+#: One worker task: (label, image path, options, the image's 5x2 landmarks or None). The points
+#: travel with the task so that workers never read the landmark file (it can be a million lines).
+_Task = tuple[int, str, PackOptions, np.ndarray | None]
+
+
+def _load_task(task: _Task) -> tuple[int, bytes]:
+    label, path, options, landmarks = task
+    return load_face_image(Path(path), label, options, landmarks)
+
+
+def _shown(name: str) -> str:
+    """A file name as it can be printed: bytes that are not UTF-8 (surrogate escapes) as \\xNN."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _listing(names: Sequence[str], limit: int = 3) -> str:
+    shown = ", ".join(repr(_shown(n)) for n in names[:limit])
+    return shown + (", ..." if len(names) > limit else "")
+
+
+def match_landmarks(src_dir: Path, files: Sequence[Path], landmarks: FivePoints,
+                    size: int) -> tuple[list[np.ndarray], list[str]]:
+    """The 5x2 landmarks of every file (same order) and warnings; DataFormatError if any is unusable.
+
+    A file's name in the landmark file is its path relative to ``src_dir`` with ``/``. All of it is
+    checked here, in the parent, before OUT is touched, so a bad file costs seconds rather than a
+    pack interrupted hours in. Lines naming no file in ``src_dir`` are only a warning: landmark files
+    are often made for a larger collection than the folders packed.
+    """
+    relative = [f.relative_to(src_dir).as_posix() for f in files]
+    rows = [landmarks.row_of.get(name) for name in relative]
+    missing = [name for name, row in zip(relative, rows, strict=True) if row is None]
+    present = set(relative)
+    unused = [name for name in landmarks.names if name not in present]
+    if missing:
+        others = f" (nor for {len(missing) - 1} other images of {src_dir})" if len(missing) > 1 else ""
+        hint = (f"; {len(unused)} of its names match no image there (e.g. {_listing(unused)}), so they may be "
+                "relative to another folder than SRC_DIR" if unused else "")
+        raise data_error(landmarks.path, "", f"has no line for image {_shown(missing[0])!r}{others}{hint}",
+                         "Add a line 'IDENTITY/IMAGE x1 y1 ... x5 y5' for every image (its path relative to "
+                         "SRC_DIR, with '/'), or move the images without landmarks out of SRC_DIR")
+    found = cast(list[int], rows)
+    points = landmarks.points[found]
+    # A similarity needs points that do not all coincide. similarity_transform is the judge, but at
+    # ~0.1 ms a call it would add minutes to a million-image pack; so only sets whose spread is
+    # under one pixel (no real face) are handed to it, and its ValueError names the line.
+    spread = ((points - points.mean(axis=1, keepdims=True)) ** 2).sum(axis=2).mean(axis=1)
+    template = template_for(size)
+    for i in np.flatnonzero(spread < 1.0):
+        row = found[int(i)]
+        try:
+            similarity_transform(points[i], template)
+        except ValueError as exc:
+            raise data_error(landmarks.path, f"line {landmarks.lines[row]}",
+                             f"the landmarks of {_shown(relative[int(i)])!r} cannot align it ({exc})",
+                             "Re-run the landmark detector on that image, or drop its line and move the image "
+                             "out of SRC_DIR") from None
+    warnings = []
+    if unused:
+        warnings.append(f"{landmarks.path}: {len(unused)} of {len(landmarks.names)} landmark lines name no image "
+                        f"in {src_dir} (e.g. {_listing(unused)}); they were ignored")
+    return list(points), warnings
 
 
 def _pool(workers: int) -> multiprocessing.pool.Pool:
@@ -302,11 +404,22 @@ def _pool(workers: int) -> multiprocessing.pool.Pool:
 
 
 def pack_folders(src_dir: str | Path, out_dir: str | Path, options: PackOptions) -> dict[str, object]:
-    """Pack ``SRC/<identity>/<image>`` into an insightface dataset in ``out_dir``; returns a summary."""
+    """Pack ``SRC/<identity>/<image>`` into an insightface dataset in ``out_dir``; returns a summary.
+
+    With ``options.landmarks`` the file is read here, once, and matched to the images before anything
+    is written; each worker task carries its image's points. The summary's ``aligned`` counts the
+    images warped onto the ArcFace crop (0 without landmarks) and ``warnings`` lists what was
+    accepted but worth saying (landmark lines naming no image).
+    """
     src_dir, out_dir = Path(src_dir), Path(out_dir)
     check_output_dir(out_dir, options.overwrite)
     tasks, names, hidden = list_identity_folders(src_dir)
-    jobs = [(label, str(path), options) for label, path in tasks]
+    points: Sequence[np.ndarray | None] = [None] * len(tasks)
+    warnings: list[str] = []
+    if options.landmarks is not None:
+        points, warnings = match_landmarks(src_dir, [path for _, path in tasks], read_five_points(options.landmarks),
+                                           options.image_size[0])
+    jobs: list[_Task] = [(label, str(path), options, p) for (label, path), p in zip(tasks, points, strict=True)]
     bar = tqdm(total=len(jobs), unit="img", desc="fr_pack", disable=not options.progress)
 
     def images(loaded: Iterator[tuple[int, bytes]]) -> Iterator[tuple[int, bytes]]:
@@ -326,7 +439,9 @@ def pack_folders(src_dir: str | Path, out_dir: str | Path, options: PackOptions)
     finally:
         bar.close()
     (out_dir / "identities.txt").write_text("".join(f"{i}\t{n}\n" for i, n in enumerate(names)), encoding="utf-8")
-    return {"images": len(jobs), "identities": len(names), "hidden_files_ignored": hidden, "out_dir": str(out_dir)}
+    return {"images": len(jobs), "identities": len(names), "hidden_files_ignored": hidden, "out_dir": str(out_dir),
+            "aligned": len(jobs) if options.landmarks is not None else 0,
+            "landmarks": None if options.landmarks is None else str(options.landmarks), "warnings": warnings}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -497,6 +612,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--overwrite", action="store_true",
                         help="pack into a non-empty OUT_DIR, replacing the dataset in it (refused otherwise)")
+    parser.add_argument("--landmarks", metavar="FILE", type=Path,
+                        help="SRC_DIR holds raw photos: align each onto the ArcFace crop of --image-size (square) "
+                             "by its five points in FILE, lines 'IDENTITY/IMAGE x1 y1 ... x5 y5 [SCORE]' (path "
+                             "relative to SRC_DIR; points in the file's stored pixels: left eye, right eye, nose, "
+                             "mouth corners), and store the crop as JPEG at --quality")
     return parser
 
 
@@ -514,6 +634,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--workers must be >= 1")
     if args.overwrite and args.src_dir is None:
         parser.error("--overwrite only applies to packing SRC_DIR OUT_DIR")
+    if args.landmarks is not None:
+        if args.src_dir is None:
+            parser.error("--landmarks only applies to packing SRC_DIR OUT_DIR")
+        if args.resize:
+            parser.error("--resize does not apply with --landmarks: each photo is aligned straight to --image-size")
+        if args.image_size[0] != args.image_size[1]:
+            parser.error(f"--landmarks makes square ArcFace crops: --image-size must be square, got "
+                         f"{args.image_size[0]} {args.image_size[1]}")
     progress = not args.no_progress and sys.stderr.isatty()
     try:
         if args.verify is not None:
@@ -531,10 +659,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             options = PackOptions(image_size=(args.image_size[0], args.image_size[1]), resize=args.resize,
                                   quality=args.quality, workers=args.workers, progress=progress,
-                                  overwrite=args.overwrite)
+                                  overwrite=args.overwrite, landmarks=args.landmarks)
             summary = pack_folders(args.src_dir, args.out_dir, options)
+            for warning in cast(list[str], summary["warnings"]):
+                print(f"fr_pack: warning: {warning}", file=sys.stderr)
+            aligned = (f"; {summary['aligned']} aligned to the {args.image_size[0]}x{args.image_size[1]} ArcFace "
+                       f"crop by the landmarks in {args.landmarks}" if args.landmarks is not None else "")
             print(f"packed {summary['images']} images of {summary['identities']} identities into {args.out_dir} "
-                  f"({summary['hidden_files_ignored']} hidden files ignored)")
+                  f"({summary['hidden_files_ignored']} hidden files ignored{aligned})")
     except (DataFormatError, FileExistsError) as exc:
         print(f"fr_pack: error: {exc}", file=sys.stderr)
         if args.json:

@@ -143,6 +143,12 @@ class EvalConfig:
     """Names (looked up as DATA/NAME.bin) or paths of .bin verification sets; empty: the
     dataset's own `*.bin` files (the synthetic default ships `synth_val.bin`)."""
     batch_size: int = 64
+    ijb: str = ""
+    """An IJB-B/C release directory (insightface's layout, as `fr_eval --ijb`): the final model is scored
+    on it on rank 0 at the end of the run (1:1 TAR@FAR, 1:N), into train_log.jsonl, Prometheus and the
+    run summary. Checked when the run starts; empty: none."""
+    ijb_target: str = ""
+    """IJBB or IJBC when eval.ijb holds both; empty: read from its meta file names."""
 
 
 @dataclass

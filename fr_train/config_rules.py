@@ -176,6 +176,8 @@ def validate(cfg: TrainConfig) -> None:
     _check(cfg.schedule.power >= 0, "schedule.power", "must be >= 0")
     _check(cfg.eval.every_steps >= 0, "eval.every_steps", "must be >= 0")
     _check(cfg.eval.batch_size > 0, "eval.batch_size", "must be > 0")
+    _check(cfg.eval.ijb_target in ("", "IJBB", "IJBC"), "eval.ijb_target", "must be IJBB, IJBC or empty (autodetect)",
+           got=cfg.eval.ijb_target)
     _check(cfg.run.num_workers >= 0, "run.num_workers", "must be >= 0 (0: automatic)")
     _check(cfg.run.zero_stage in (0, 1, 2), "run.zero_stage", "must be 0, 1 or 2 (the head is model-parallel)")
     _check(cfg.run.grad_accum >= 1, "run.grad_accum", "must be >= 1")

@@ -246,6 +246,9 @@ class RunMetrics:
         self.eval_accuracy = gauge("fr_train_eval_accuracy", "Verification accuracy (ratio) per set.", ("set",))
         self.eval_tar = gauge("fr_train_eval_tar_at_far", "True accept rate at a false accept rate, per set.",
                               ("set", "far"))
+        self.eval_identification = gauge("fr_train_eval_identification",
+                                         "IJB 1:N identification rates (rank1/5/10, tpir@fpir=X) per set.",
+                                         ("set", "metric"))
         self.ckpt_write = histogram("fr_train_checkpoint_write_duration_seconds",
                                     "Time to write a checkpoint (start to durable).", CHECKPOINT_BUCKETS)
         self.ckpt_stall = histogram("fr_train_checkpoint_stall_duration_seconds",
@@ -350,6 +353,20 @@ class RunMetrics:
             if not 0.0 < far <= 1.0:
                 raise ValueError(f"observe_eval({set_name!r}): FAR {far} is not in (0, 1]")
             self._child(self.eval_tar, set_name, f"{far:g}").set(tar)
+
+    def observe_ijb(self, record: Mapping[str, Any]) -> None:
+        """One IJB record (fr_train/evaluation/ijb.py): 1:1 TAR@FAR (the published rule) into the
+        verification gauge under the set's name (IJBB/IJBC); 1:N rates into the identification gauge."""
+        name = str(record["set"])
+        if record["protocol"] == "1:1":
+            for far, tar in record["tar_at_far"].items():
+                self._child(self.eval_tar, name, f"{float(far):g}").set(tar)
+        else:
+            for key in ("rank1", "rank5", "rank10"):
+                self._child(self.eval_identification, name, key).set(record[key])
+            for fpir, tpir in record["tpir_at_fpir"].items():
+                if tpir is not None:
+                    self._child(self.eval_identification, name, f"tpir@fpir={float(fpir):g}").set(tpir)
 
     def observe_checkpoint(self, write_s: float, stall_s: float, ok: bool) -> None:
         """One checkpoint attempt: ``write_s`` until durable, ``stall_s`` the loop was blocked

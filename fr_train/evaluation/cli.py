@@ -39,48 +39,57 @@ def parse_device(text: str) -> torch.device:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="fr_eval", description="Evaluate a saved fr_train backbone on .bin "
-                                "verification sets (LFW 10-fold protocol with flip, TAR@FAR).")
-    p.add_argument("model", help="a run's final/ directory (backbone.safetensors + model.json) or the "
-                   "safetensors file itself (then --backbone is required)")
-    p.add_argument("--bin", dest="bins", action="append", required=True, help=".bin set (repeatable)")
+    p = argparse.ArgumentParser(
+        prog="fr_eval", description="Evaluate a face model on .bin verification sets (LFW 10-fold protocol with "
+        "flip, TAR@FAR) and on IJB-B/IJB-C (1:1 TAR@FAR, 1:N rank-k and TPIR@FPIR), one JSON line per result.")
+    p.add_argument("model", help="a run's final/ directory (backbone.safetensors + model.json), a run directory, "
+                   "a weights file (.safetensors/.pt; then --backbone is required) or an ONNX model (.onnx)")
+    p.add_argument("--bin", dest="bins", action="append", default=[], help=".bin set (repeatable)")
+    p.add_argument("--ijb", default=None, metavar="DIR", help="insightface's IJB release directory (meta/ and "
+                   "loose_crop/; or its parent holding IJBC/ or IJBB/)")
+    p.add_argument("--ijb-target", choices=["IJBB", "IJBC"], default=None,
+                   help="which release under --ijb (default: read from the meta file names)")
+    p.add_argument("--features", type=Path, default=None, metavar="FILE",
+                   help="IJB per-image features: read from FILE when it exists (re-scoring takes seconds), else "
+                   "extracted and saved there")
+    p.add_argument("--no-flip", dest="flip", action="store_false", help="IJB: do not add the mirror's embedding")
+    p.add_argument("--no-norm-weight", dest="norm_weight", action="store_false",
+                   help="IJB: L2-normalise each image's feature (default: its norm weights it, as insightface)")
+    p.add_argument("--no-detector-weight", dest="detector_weight", action="store_false",
+                   help="IJB: do not multiply image features by the detector score of the landmark file")
+    p.add_argument("--threads", type=_positive, default=4, help="IJB: image decode/align threads")
     p.add_argument("--backbone", default=None, help="backbone name when MODEL has no model.json beside it")
     p.add_argument("--embedding-size", type=int, default=None)
     p.add_argument("--image-size", type=int, default=None, help="input side (default: model.json's, else 112)")
+    p.add_argument("--input-mean", type=float, default=127.5, help="the model's input normalisation "
+                   "(x - mean) / std (default 127.5, 127.5: fr_train's and insightface's)")
+    p.add_argument("--input-std", type=float, default=127.5)
+    p.add_argument("--input-bgr", action="store_true", help="the model takes BGR channels (default RGB)")
     p.add_argument("--batch-size", type=_positive, default=64)
     p.add_argument("--device", type=parse_device, default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu, cuda or cuda:N (default: cuda where there is one)")
     args = p.parse_args(argv)
+    if not args.bins and args.ijb is None:
+        p.error("nothing to evaluate: pass --bin SET.bin and/or --ijb DIR")
+    if args.input_std == 0:
+        p.error("--input-std must not be 0")
 
     from data_pipeline.errors import DataFormatError
+    from fr_train.evaluation.embedders import InputNorm, ModelLoadError, load_embedder
     from fr_train.evaluation.runner import evaluate_verification, load_verification_set
-    from fr_train.export import MODEL_JSON, UnsafeWeightsError, load_backbone, read_model_info
+    from fr_train.export import UnsafeWeightsError
 
-    model_path = Path(args.model)
-    if not model_path.exists():
-        print(f"fr_eval: error: {model_path}: no such model directory or weights file", file=sys.stderr)
-        return 1
-    weights = model_path / "backbone.safetensors" if model_path.is_dir() else model_path
-    meta_path = weights.parent / MODEL_JSON
-    name, emb, size = args.backbone, args.embedding_size, args.image_size
     try:
-        if meta_path.is_file():
-            saved = read_model_info(meta_path)
-            name = name or saved["backbone"]
-            emb = emb or saved["embedding_size"]
-            size = size or saved["image_size"]
-        if name is None:
-            print(f"fr_eval: no model.json beside {weights}; pass --backbone", file=sys.stderr)
+        embedder = load_embedder(args.model, backbone=args.backbone, embedding_size=args.embedding_size,
+                                 image_size=args.image_size, device=args.device,
+                                 norm=InputNorm(args.input_mean, args.input_std, args.input_bgr))
+    except (OSError, ValueError, UnsafeWeightsError) as e:  # ModelLoadError is a ValueError
+        if isinstance(e, ModelLoadError) and str(e).endswith("pass --backbone"):
+            print(f"fr_eval: {e}", file=sys.stderr)  # a usage problem: the command line lacks a flag
             return 2
-        size = size or 112
-        # Strict: a missing, unexpected or mis-shaped entry names the file and the backbone.
-        model = load_backbone(name, weights, embedding_size=emb or 512, image_size=size)
-    except (OSError, ValueError, UnsafeWeightsError) as e:  # JSONDecodeError is a ValueError
-        where = f"{meta_path}: " if isinstance(e, json.JSONDecodeError) else ""
-        print(f"fr_eval: error: {where}{e}", file=sys.stderr)
+        print(f"fr_eval: error: {e}", file=sys.stderr)
         return 1
-    device = args.device
-    model.to(device).eval()
+    size = embedder.image_size
     sets = []
     for b in args.bins:  # all of them before any scoring: a bad set fails the command at once
         try:
@@ -89,8 +98,20 @@ def main(argv: list[str] | None = None) -> int:
             print(f"fr_eval: error: {e}", file=sys.stderr)
             return 1
     for vs in sets:
-        r = evaluate_verification(model, vs, args.batch_size, device)
-        print(json.dumps({"set": vs.name, **r}))
+        r = evaluate_verification(embedder, vs, args.batch_size, args.device)
+        print(json.dumps({"set": vs.name, **r}), flush=True)
+    if args.ijb is not None:
+        from fr_train.evaluation.ijb import IJBOptions, evaluate_ijb
+
+        options = IJBOptions(flip=args.flip, norm_weight=args.norm_weight, detector_weight=args.detector_weight,
+                             batch_size=args.batch_size, threads=args.threads, features=args.features)
+        try:
+            records = evaluate_ijb(embedder, args.ijb, args.ijb_target, options)
+        except (DataFormatError, OSError, ValueError) as e:
+            print(f"fr_eval: error: {e}", file=sys.stderr)
+            return 1
+        for record in records:
+            print(json.dumps(record), flush=True)
     return 0
 
 

@@ -15,6 +15,7 @@ import torch
 
 from data_pipeline.binset import decode_image, read_bin
 from data_pipeline.errors import data_error
+from fr_train.evaluation.embedders import Embedder, TorchEmbedder
 from fr_train.evaluation.verification import check_pairs, combine_flip, evaluate_embeddings
 
 
@@ -70,17 +71,14 @@ def load_verification_set(path: str | Path, image_size: tuple[int, int]) -> Veri
     return VerificationSet(name=path.stem, path=path, images=tensor, issame=np.asarray(issame, dtype=bool))
 
 
-@torch.no_grad()
-def embed_images(model: torch.nn.Module, images: torch.Tensor, batch_size: int, device: torch.device) -> np.ndarray:
-    """Flip-augmented, L2-normalised embeddings of uint8 images, in the model's own dtype."""
-    dtype = next(model.parameters()).dtype
+def embed_images(embedder: Embedder, images: torch.Tensor, batch_size: int) -> np.ndarray:
+    """Flip-augmented, L2-normalised embeddings of uint8 NCHW images (insightface's protocol)."""
     outs, outs_flip = [], []
     for start in range(0, images.shape[0], batch_size):
-        x = images[start:start + batch_size].to(device=device, dtype=torch.float32)
-        x = ((x - 127.5) / 127.5).to(dtype)
-        outs.append(model(x).float().cpu())
-        outs_flip.append(model(torch.flip(x, dims=[3])).float().cpu())
-    return combine_flip(torch.cat(outs).numpy(), torch.cat(outs_flip).numpy())
+        x = images[start:start + batch_size].permute(0, 2, 3, 1).numpy()  # NHWC uint8, the embedders' input
+        outs.append(embedder(x))
+        outs_flip.append(embedder(x[:, :, ::-1]))
+    return combine_flip(np.concatenate(outs), np.concatenate(outs_flip))
 
 
 def far_name(far: float) -> str:
@@ -89,14 +87,12 @@ def far_name(far: float) -> str:
     return f"{mantissa}e{int(exponent)}"
 
 
-def evaluate_verification(model: torch.nn.Module, vs: VerificationSet, batch_size: int,
+def evaluate_verification(model: torch.nn.Module | Embedder, vs: VerificationSet, batch_size: int,
                           device: torch.device) -> dict[str, Any]:
-    was_training = model.training
-    model.eval()
-    try:
-        emb = embed_images(model, vs.images, batch_size, device)
-    finally:
-        model.train(was_training)
+    """Score ``vs`` with a backbone (the trainer's, in its own dtype on ``device``) or any :class:`Embedder`."""
+    if isinstance(model, torch.nn.Module):
+        model = TorchEmbedder(model, device, image_size=int(vs.images.shape[-1]))
+    emb = embed_images(model, vs.images, batch_size)
     r = evaluate_embeddings(emb, vs.issame)
     out: dict[str, Any] = {"accuracy": r.accuracy, "accuracy_std": r.accuracy_std, "threshold": r.threshold,
                            "val_at_far_1e-3": r.val_at_far_1e3}

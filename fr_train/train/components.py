@@ -76,6 +76,16 @@ def build_distillation(cfg: TrainConfig, image_size: int, fmt: EngineFormat, dev
     return teacher, loss
 
 
+def find_ijb_release(cfg: TrainConfig) -> Any:
+    """eval.ijb's release, located and its layout checked before training (a misplaced meta file should
+    fail the launch, not the end of a day-long run); None when eval.ijb is empty."""
+    if not cfg.eval.ijb:
+        return None
+    from fr_train.evaluation.ijb_layout import find_release
+
+    return find_release(Path(cfg.eval.ijb).expanduser(), cfg.eval.ijb_target or None)
+
+
 def load_eval_sets(cfg: TrainConfig, data_dir: Path, image_size: tuple[int, int]) -> list[Any]:
     from fr_train.evaluation.runner import find_eval_sets, load_verification_set
 

@@ -30,7 +30,13 @@ from fr_train.parallel.collectives import scale_backbone_grad
 from fr_train.train import engine as eng
 from fr_train.train.batch_plan import empty_epoch_error, is_elastic, plan_batches
 from fr_train.train.checkpoints import CheckpointingMixin
-from fr_train.train.components import build_distillation, build_head, load_eval_sets, seed_everything
+from fr_train.train.components import (
+    build_distillation,
+    build_head,
+    find_ijb_release,
+    load_eval_sets,
+    seed_everything,
+)
 from fr_train.train.records import LOG_NAME, RecordsMixin
 from fr_train.train.schedule import PolySchedule, scaled_lr
 from fr_train.train.state import BatchSource, StepTimes, TrainState
@@ -182,6 +188,7 @@ class Trainer(CheckpointingMixin, RecordsMixin):
         self.teacher, self.distill = build_distillation(cfg, self.image_size[0], self.format, self.device, self.rank)
         self.data_dir = data_dir
         self.eval_sets = load_eval_sets(cfg, data_dir, self.image_size) if self.rank == 0 and cfg.eval.enabled else []
+        self.ijb_release = find_ijb_release(cfg) if self.rank == 0 else None
 
     # ------------------------------------------------------------------ the loop
     def set_lr(self, lr: float) -> None:
@@ -366,6 +373,23 @@ class Trainer(CheckpointingMixin, RecordsMixin):
             dist.barrier()
         return results
 
+    def _evaluate_ijb(self, model: torch.nn.Module) -> list[dict[str, Any]]:
+        """eval.ijb: the final model (float32, as saved) scored by fr_eval's IJB protocol on rank 0."""
+        from fr_train.evaluation.embedders import TorchEmbedder
+        from fr_train.evaluation.ijb import IJBOptions, evaluate_ijb
+
+        release = self.ijb_release
+        embedder = TorchEmbedder(model, self.device, self.image_size[0], name="final")
+        records = evaluate_ijb(embedder, release.root, release.target,
+                               IJBOptions(batch_size=self.cfg.eval.batch_size, progress=False))
+        for r in records:
+            self.metrics.observe_ijb(r)
+            self._write_event({"event": "ijb", "time": round(time.time(), 3), "step": self.state.step, **r})
+            log.info(f"IJB {r['set']} {r['protocol']}: " + (
+                "TAR@FAR=1e-4 {:.4f}, 1e-3 {:.4f}".format(r["tar_at_far"]["0.0001"], r["tar_at_far"]["0.001"])
+                if r["protocol"] == "1:1" else f"rank-1 {r['rank1']:.4f}, rank-5 {r['rank5']:.4f}"))
+        return records
+
     def _finish(self, last_eval: dict[str, Any]) -> None:
         if self.rank == 0:
             from fr_train.export import export_onnx, save_backbone, write_model_info
@@ -377,9 +401,11 @@ class Trainer(CheckpointingMixin, RecordsMixin):
             (out / "config.json").write_text(self.cfg.to_json())
             write_model_info(out, backbone=self.cfg.backbone.name, embedding_size=self.cfg.backbone.embedding_size,
                              image_size=self.image_size[0], steps=self.state.step)
+            ijb = self._evaluate_ijb(model) if self.ijb_release is not None else []
             if self.cfg.run.export_onnx:
                 export_onnx(model.cpu(), out / "backbone.onnx", image_size=self.image_size[0])
-            self._write_event({"event": "end", "step": self.state.step, "eval": last_eval, "final_dir": str(out)})
+            self._write_event({"event": "end", "step": self.state.step, "eval": last_eval, "final_dir": str(out),
+                               **({"ijb": ijb} if ijb else {})})
             log.info(f"done: {self.state.step} steps; model in {out}")
         flat = {f"eval/{name}/{k}": v for name, r in last_eval.items() for k, v in r.items()
                 if isinstance(v, int | float)}

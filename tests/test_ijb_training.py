@@ -1,0 +1,92 @@
+"""`eval.ijb=DIR`: a short real training run (benchmarks/methods.py's recipe, ArcFace) scores its final
+model on an IJB release of identities it never saw, into train_log.jsonl, Prometheus's registry and the
+run summary; and on that release the trained model beats an untrained one and raw pixels."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from data_pipeline.synthetic import SyntheticConfig
+from tests.distributed import run_distributed
+from tests.ijb_release import write_ijb_release
+
+STEPS = 60
+# benchmarks/methods.py's recipe data: the release's subjects are its held-out identities
+CFG = SyntheticConfig(num_identities=64, images_per_identity=16, holdout_identities=40, num_pairs=400, image_size=32)
+
+
+def _train(rank: int, world: int, cache: str, storage: str, ijb: str) -> dict[str, Any]:
+    from benchmarks.methods import recipe
+    from cluster.launch import prepare_data
+    from cluster.outcome import summarize_run
+    from fr_train.config import build_config
+    from fr_train.train.records import read_events
+    from fr_train.train.trainer import Trainer
+
+    args = argparse.Namespace(steps=STEPS, batch=64, lr=0.2, image_size=32, identities=64, cache=cache)
+    cfg = build_config("mbf", "arcface", overrides=[*recipe(args, 0, Path(storage), "ijb"), f"eval.ijb={ijb}"])
+    assert cfg.data.synthetic == CFG
+    cfg.data.path = str(prepare_data(cfg))
+    trainer = Trainer(cfg, 0, 1, torch.device("cpu"))
+    trainer.fit()
+    run_dir = Path(storage) / "ijb"
+    registry = trainer.metrics.registry
+    gauges = {(s.name, tuple(sorted(s.labels.items()))): s.value for m in registry.collect() for s in m.samples
+              if s.name in ("fr_train_eval_tar_at_far", "fr_train_eval_identification")}
+    return {"events": read_events(run_dir), "summary": summarize_run(run_dir), "gauges": gauges,
+            "final": str(run_dir / "final")}
+
+
+class RawPixels:
+    """The floor: an image's mean-centred pixels as its embedding."""
+
+    image_size, name, source = 32, "raw pixels", None
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        x = images.reshape(len(images), -1).astype(np.float32)
+        return x - x.mean(axis=1, keepdims=True)
+
+
+def _figures(records: list[dict]) -> tuple[float, float]:
+    one, many = records
+    return one["tar_at_far_strict"]["0.1"], many["rank1"]
+
+
+@pytest.mark.slow
+def test_a_run_scores_its_final_model_on_ijb_and_beats_untrained_and_raw_pixels(tmp_path: Path) -> None:
+    from fr_train.backbones import build_backbone
+    from fr_train.evaluation.embedders import TorchEmbedder, load_embedder
+    from fr_train.evaluation.ijb import IJBOptions, evaluate_ijb
+
+    release = write_ijb_release(tmp_path / "IJBC", CFG, subjects=40)
+    (result,) = run_distributed(_train, 1, str(tmp_path / "cache"), str(tmp_path / "runs"), str(release.root),
+                                timeout=900)
+    ijb = [e for e in result["events"] if e.get("event") == "ijb"]
+    end = result["events"][-1]
+    assert [e["protocol"] for e in ijb] == ["1:1", "1:N"] and end["event"] == "end"
+    assert [{k: v for k, v in e.items() if k not in ("event", "time", "step")} for e in ijb] == end["ijb"]
+    assert "IJBC 1:1: TAR@FAR=1e-4" in result["summary"] and "IJBC 1:N: rank-1" in result["summary"]
+    gauges = result["gauges"]
+    assert gauges[("fr_train_eval_tar_at_far", (("far", "0.1"), ("set", "IJBC")))] == ijb[0]["tar_at_far"]["0.1"]
+    assert gauges[("fr_train_eval_identification", (("metric", "rank1"), ("set", "IJBC")))] == ijb[1]["rank1"]
+
+    options = IJBOptions(threads=2, progress=False)
+    trained = evaluate_ijb(load_embedder(result["final"], backbone=None, embedding_size=None, image_size=None,
+                                         device=torch.device("cpu")), release.root, options=options)
+    assert [{k: v for k, v in r.items() if k != "extract_s"} for r in trained] == \
+        [{k: v for k, v in r.items() if k != "extract_s"} for r in end["ijb"]]  # fr_eval's numbers = the run's
+    torch.manual_seed(0)
+    untrained = evaluate_ijb(TorchEmbedder(build_backbone("mbf", image_size=32).eval(), torch.device("cpu"), 32),
+                             release.root, options=options)
+    raw = evaluate_ijb(RawPixels(), release.root, options=options)
+    figures = {name: _figures(r) for name, r in (("trained", trained), ("untrained", untrained), ("raw", raw))}
+    print(f"\nIJB (TAR@FAR=0.1 strict, rank-1): {figures}")
+    for other in ("untrained", "raw"):
+        assert figures["trained"][0] > figures[other][0] + 0.1, figures
+        assert figures["trained"][1] > figures[other][1] + 0.1, figures
