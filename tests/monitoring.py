@@ -352,6 +352,7 @@ def train_tiny_job(metrics: RunMetrics, workdir: Path, *, min_steps: int = 30, m
     import torch
     from torch import nn
 
+    from fr_train.evaluation.ijb_scoring import identification
     from fr_train.evaluation.verification import evaluate_embeddings, l2_normalize
     from fr_train.heads import CombinedMargin, PartialFC, VPLConfig
     from fr_train.heads.vpl import NEVER_WRITTEN
@@ -377,6 +378,10 @@ def train_tiny_job(metrics: RunMetrics, workdir: Path, *, min_steps: int = 30, m
 
     eval_sets = {"synth_easy": pair_set(0.5), "synth_hard": pair_set(1.5)}
     tar_fars = [0.05, 0.1]
+    # 1:N search as eval.ijb reports it (fr_train/evaluation/ijb_scoring.py): one gallery template per
+    # class, two probes per class, ten classes enrolled in neither gallery (TPIR's non-mated searches).
+    search_y = torch.arange(num_classes).repeat(3)
+    search_x = (centers[search_y] + 0.8 * torch.randn(len(search_y), dim_in, generator=gen)).view(-1, 3, 16, 16)
 
     def build() -> tuple[nn.Module, PartialFC, torch.optim.Optimizer, torch.amp.GradScaler]:
         backbone = nn.Sequential(nn.Flatten(), nn.Linear(dim_in, 128), nn.PReLU(128), nn.Linear(128, emb))
@@ -428,6 +433,13 @@ def train_tiny_job(metrics: RunMetrics, workdir: Path, *, min_steps: int = 30, m
                 e = l2_normalize(backbone(x).double().numpy())
                 r = evaluate_embeddings(e, issame, n_folds=4, tar_fars=tar_fars)
                 metrics.observe_eval(name, r.accuracy, r.tar_at_far)
+            e = l2_normalize(backbone(search_x).double().numpy())
+            y = search_y.numpy()
+            gallery = (np.arange(len(y)) < num_classes) & (y >= 10)
+            found = identification(e[gallery], y[gallery], e[~gallery], y[~gallery])
+            metrics.observe_ijb({"set": "synth_search", "protocol": "1:N", "rank1": found["rank"][1],
+                                 "rank5": found["rank"][5], "rank10": found["rank"][10],
+                                 "tpir_at_fpir": found["tpir_at_fpir"]})
         backbone.train()
 
     while step < min_steps or time.time() - started < min_seconds:
