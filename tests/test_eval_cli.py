@@ -17,6 +17,7 @@ from data_pipeline.errors import DataFormatError
 from data_pipeline.synthetic import SyntheticConfig, write_synthetic_dataset
 from fr_train.backbones import build_backbone
 from fr_train.evaluation.cli import main
+from fr_train.evaluation.embedders import InputNorm
 from fr_train.evaluation.runner import evaluate_verification, load_verification_set
 from fr_train.export import save_backbone
 
@@ -53,6 +54,35 @@ def test_fr_eval_scores_a_saved_model_like_the_trainer(tmp_path, capsys):
     for key, value in expected.items():
         assert printed[key] == value, key
     assert 0.0 <= printed["accuracy"] <= 1.0 and "tar_at_far_1e-3" in printed
+
+
+def test_an_onnx_export_scores_a_bin_set_like_the_model_and_states_its_normalisation(tmp_path, capsys):
+    from fr_train.evaluation.embedders import OnnxEmbedder
+    from fr_train.evaluation.runner import embed_images
+    from fr_train.export import export_onnx
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    model = build_backbone("mbf", image_size=64).eval()
+    onnx = export_onnx(model, tmp_path / "model.onnx", image_size=64)
+    bin_path = write_bin(tmp_path / "pairs.bin", [_jpeg(rng, 64) for _ in range(40)], [i % 2 == 0 for i in range(20)])
+    assert main([str(onnx), "--bin", str(bin_path), "--batch-size", "16", "--device", "cpu"]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    expected = evaluate_verification(model, load_verification_set(bin_path, (64, 64)), 16, torch.device("cpu"))
+    assert printed["accuracy"] == pytest.approx(expected["accuracy"], abs=0.05 + 1e-9)  # one pair of 20 may flip
+    images = load_verification_set(bin_path, (64, 64)).images
+    torch_emb = embed_images(_torch_embedder(model), images, 16)
+    onnx_emb = embed_images(OnnxEmbedder(onnx), images, 16)
+    np.testing.assert_allclose(onnx_emb, torch_emb, atol=1e-4)
+    # a model trained on BGR in [0, 1] says so; the ONNX model then sees other numbers
+    bgr = embed_images(OnnxEmbedder(onnx, norm=InputNorm(mean=0.0, std=255.0, bgr=True)), images, 16)
+    assert not np.allclose(bgr, torch_emb, atol=1e-3)
+
+
+def _torch_embedder(model: torch.nn.Module):
+    from fr_train.evaluation.embedders import TorchEmbedder
+
+    return TorchEmbedder(model, torch.device("cpu"), 64)
 
 
 def test_a_square_set_of_another_size_is_resized_to_the_model(tmp_path, capsys):

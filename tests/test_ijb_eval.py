@@ -278,3 +278,16 @@ def test_nothing_to_evaluate_is_a_usage_error(model_dir: Path, capsys) -> None:
     with pytest.raises(SystemExit) as exc:
         main([str(model_dir)])
     assert exc.value.code == 2 and "pass --bin SET.bin and/or --ijb DIR" in capsys.readouterr().err
+
+
+def test_ijbb_is_read_from_its_meta_names_and_chosen_by_flag_beside_ijbc(release: IJBRelease, model_dir: Path,
+                                                                          tmp_path: Path, capsys) -> None:
+    shutil.copytree(release.root, tmp_path / "IJBC")
+    ijbb = write_ijb_release(tmp_path / "IJBB", CFG, target="IJBB", subjects=6, seed=1)
+    code, records, _ = _run(capsys, str(model_dir), "--ijb", str(ijbb.root))
+    assert code == 0 and [(r["set"], r["protocol"]) for r in records] == [("IJBB", "1:1"), ("IJBB", "1:N")]
+    assert records[1]["gallery"] == len(ijbb.gallery1) + len(ijbb.gallery2)  # S1 ∪ S2
+    code, records, err = _run(capsys, str(model_dir), "--ijb", str(tmp_path))
+    assert code == 1 and len(err) == 1 and "holds both IJB-B and IJB-C meta files" in err[0] and "--ijb-target" in err[0]
+    code, records, _ = _run(capsys, str(model_dir), "--ijb", str(tmp_path), "--ijb-target", "IJBB")
+    assert code == 0 and records[0]["set"] == "IJBB" and records[0]["pairs"] == len(ijbb.t1)
