@@ -291,3 +291,19 @@ def test_ijbb_is_read_from_its_meta_names_and_chosen_by_flag_beside_ijbc(release
     assert code == 1 and len(err) == 1 and "holds both IJB-B and IJB-C meta files" in err[0] and "--ijb-target" in err[0]
     code, records, _ = _run(capsys, str(model_dir), "--ijb", str(tmp_path), "--ijb-target", "IJBB")
     assert code == 0 and records[0]["set"] == "IJBB" and records[0]["pairs"] == len(ijbb.t1)
+
+
+def test_a_run_with_eval_ijb_checks_the_release_when_it_starts(release: IJBRelease, tmp_path: Path) -> None:
+    """The Trainer calls find_ijb_release on rank 0 before the first step: a misplaced release fails the
+    launch (not retried: a DataFormatError is the run's input) instead of the end of a day-long run."""
+    from data_pipeline.errors import DataFormatError
+    from fr_train.config import ConfigError, build_config
+    from fr_train.train.components import find_ijb_release
+
+    assert find_ijb_release(build_config("mbf", "arcface")) is None
+    found = find_ijb_release(build_config("mbf", "arcface", overrides=[f"eval.ijb={release.root.parent}"]))
+    assert found.target == "IJBC" and found.root == release.root
+    with pytest.raises(DataFormatError, match="no such directory"):
+        find_ijb_release(build_config("mbf", "arcface", overrides=[f"eval.ijb={tmp_path / 'nowhere'}"]))
+    with pytest.raises(ConfigError, match="eval.ijb_target"):
+        build_config("mbf", "arcface", overrides=["eval.ijb_target=IJBA"])
