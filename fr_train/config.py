@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
-
-import tomllib
 
 from data_pipeline.synthetic import SyntheticConfig
 from fr_train.methods import METHODS

@@ -18,7 +18,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import subprocess
 import time
 import urllib.error
@@ -33,6 +32,7 @@ import pytest
 import yaml
 
 from fr_train.metrics import RunMetrics
+from tests.distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 OPS_PROMETHEUS = ROOT / "ops" / "prometheus" / "prometheus.yml"
@@ -64,12 +64,6 @@ def monitoring_binaries() -> dict[str, str]:
             pytest.fail(f"CI=true but {msg}")
         pytest.skip(msg)
     return {k: v for k, v in found.items() if v is not None}
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # ---------------------------------------------------------------------------------------------- HTTP

@@ -111,7 +111,6 @@ def _engine_step(rank: int, world: int) -> tuple[list[str], np.ndarray, bool]:
 
 @pytest.mark.slow
 def test_bf16_engine_on_channels_last_model_builds_steps_and_stays_in_sync_at_two_ranks() -> None:
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
     (dtypes0, params0, contiguous0), (_, params1, _) = run_distributed(_engine_step, 2, timeout=600)
     # bf16 is autocast over a float32 engine: float32 weights, bf16 compute (engine.py's docstring)
     assert dtypes0 == ["torch.float32"] and contiguous0
@@ -148,7 +147,6 @@ def test_bf16_is_autocast_over_a_float32_engine_with_one_foreach_optimizer() -> 
     """bf16 runs DeepSpeed's float32 engine under autocast with a plain foreach SGD (fr_train clips at
     ZeRO 0), not DeepSpeed's bf16 mode whose optimizer works tensor by tensor; a checkpoint of that
     mode's optimizer is refused naming the checkpoint, not misread."""
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
     out = run_distributed(_optimizer_of_a_bf16_engine, 1, timeout=300)[0]
     assert (out["optimizer"], out["foreach"], out["clipping"]) == ("SGD", True, 0.0)
     assert out["error"].startswith("RUN/checkpoints/step_000000010: the backbone optimizer state has fields")
@@ -167,7 +165,6 @@ def _tiny_config(tmp: Path, cache: Path, name: str, *extra: str, method: str = "
         "data.batch_size=8", "run.log_every=1", "optimizer.lr=0.2", "optimizer.base_batch=16",
         "schedule.warmup_steps=0", "head.s=16", "head.m2=0.1", "checkpoint.every_minutes=0", "run.export_onnx=false", *extra])
     cfg.data.path = str(prepare_data(cfg))
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
     return cfg.to_dict()
 
 

@@ -305,5 +305,5 @@ def test_a_run_with_eval_ijb_checks_the_release_when_it_starts(release: IJBRelea
     assert found.target == "IJBC" and found.root == release.root
     with pytest.raises(DataFormatError, match="no such directory"):
         find_ijb_release(build_config("mbf", "arcface", overrides=[f"eval.ijb={tmp_path / 'nowhere'}"]))
-    with pytest.raises(ConfigError, match="eval.ijb_target"):
+    with pytest.raises(ConfigError, match=r"eval\.ijb_target"):
         build_config("mbf", "arcface", overrides=["eval.ijb_target=IJBA"])

@@ -14,6 +14,7 @@ import re
 import socket
 import subprocess
 from collections.abc import Iterator
+from datetime import UTC
 from typing import Any
 
 import pytest
@@ -279,10 +280,10 @@ def test_a_cleanly_finished_run_leaves_the_pushgateway_and_clears_its_stall_aler
 
 def _parse_rfc3339(ts: str) -> float:
     """Prometheus' activeAt (e.g. 2026-01-01T10:00:00.123456789Z) as Unix seconds."""
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     base, _, frac = ts.rstrip("Z").partition(".")
-    seconds = datetime.strptime(base, "%Y-%m-%dT%H:%M:%S").replace(tzinfo=timezone.utc).timestamp()
+    seconds = datetime.strptime(base, "%Y-%m-%dT%H:%M:%S").replace(tzinfo=UTC).timestamp()
     return seconds + (float(f"0.{frac}") if frac else 0.0)
 
 

@@ -329,18 +329,16 @@ def _starts_of_one_run(rank: int, world: int, cfg_dict: dict[str, Any]) -> dict[
 def test_the_trainer_starts_fresh_falls_back_refuses_and_overwrites_only_when_asked(
         tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
     """About 20 s on 2 CPU cores: four starts of a 4-step run at 32x32 (mbf, fp32, DALI on CPU)."""
-    import os
 
     from cluster.launch import prepare_data
     from tests.distributed import run_distributed
-    from tests.test_gpu_configuration_on_cpu import REPO, TINY
+    from tests.test_gpu_configuration_on_cpu import TINY
 
     cfg = build_config("mbf", "arcface", overrides=[
         f"data.cache_dir={tmp_path_factory.mktemp('rundir_cache')}", *TINY, f"run.storage={tmp_path}", "run.name=r",
         "data.batch_size=8", "schedule.max_steps=4", "checkpoint.every_steps=2", "checkpoint.every_minutes=0",
         "eval.enabled=false", "run.export_onnx=false", "run.log_every=1"])
     cfg.data.path = str(prepare_data(cfg))
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
     out = run_distributed(_starts_of_one_run, 1, cfg.to_dict(), timeout=600)[0]
     root = tmp_path / "r" / "checkpoints"
 

@@ -1,2 +1,2 @@
-"""The Ray-free training core: the engine's numerics (engine.py); the trainer moves here with the
-structure issue (DESIGN.md, "What a run is")."""
+"""The Ray-free training core: the loop (trainer.py), the engine's numerics and precision (engine.py),
+the batch plan, records, checkpoints and the schedule it uses; cluster/ launches it under Ray Train."""
