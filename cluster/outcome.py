@@ -109,6 +109,9 @@ def summarize_run(run_dir: Path) -> str:
         last = [r for r in evals if r["set"] == name][-1]
         parts.append(f"{name}: accuracy {first['accuracy']:.4f} (step {first['step']}) -> "
                      f"{last['accuracy']:.4f} (step {last['step']})")
+    for r in records:
+        if r.get("event") == "ijb_error":
+            parts.append(f"IJB evaluation failed: {r['error']}")
     for r in end.get("ijb", []):
         if r["protocol"] == "1:1":
             parts.append(f"{r['set']} 1:1: TAR@FAR=1e-4 {r['tar_at_far']['0.0001']:.4f}, 1e-3 {r['tar_at_far']['0.001']:.4f}")

@@ -5,6 +5,7 @@ run summary; and on that release the trained model beats an untrained one and ra
 from __future__ import annotations
 
 import argparse
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +40,15 @@ def _train(rank: int, world: int, cache: str, storage: str, ijb: str) -> dict[st
     registry = trainer.metrics.registry
     gauges = [(s.name, s.labels, s.value) for m in registry.collect() for s in m.samples
               if s.name in ("fr_train_eval_tar_at_far", "fr_train_eval_identification")]
-    return {"events": read_events(run_dir), "summary": summarize_run(run_dir), "gauges": gauges,
-            "final": str(run_dir / "final")}
+    out = {"events": read_events(run_dir), "summary": summarize_run(run_dir), "gauges": gauges,
+           "final": str(run_dir / "final")}
+    # The release broken after the start check (an image gone): the finished run stays finished, the
+    # error is recorded and summarised, nothing raises.
+    sorted(Path(ijb, "loose_crop").iterdir())[0].unlink()
+    out["after_damage"] = trainer._evaluate_ijb(trainer.engine.module)
+    out["damage_events"] = read_events(run_dir)[len(out["events"]):]
+    out["damage_summary"] = summarize_run(run_dir)
+    return out
 
 
 class RawPixels:
@@ -78,6 +86,12 @@ def test_a_run_scores_its_final_model_on_ijb_and_beats_untrained_and_raw_pixels(
 
     assert gauge("fr_train_eval_tar_at_far", set="IJBC", far="0.1") == [ijb[0]["tar_at_far"]["0.1"]]
     assert gauge("fr_train_eval_identification", set="IJBC", metric="rank1") == [ijb[1]["rank1"]]
+
+    assert result["after_damage"] == [] and [e["event"] for e in result["damage_events"]] == ["ijb_error"]
+    assert "listed in the tid/mid file but absent" in result["damage_events"][0]["error"]
+    assert "IJB evaluation failed: DataFormatError" in result["damage_summary"]
+    shutil.rmtree(release.root)
+    release = write_ijb_release(tmp_path / "IJBC", CFG, subjects=40)  # whole again (deterministic)
 
     options = IJBOptions(threads=2, progress=False)
     trained = evaluate_ijb(load_embedder(result["final"], backbone=None, embedding_size=None, image_size=None,

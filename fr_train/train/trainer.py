@@ -380,8 +380,18 @@ class Trainer(CheckpointingMixin, RecordsMixin):
 
         release = self.ijb_release
         embedder = TorchEmbedder(model, self.device, self.image_size[0], name="final")
-        records = evaluate_ijb(embedder, release.root, release.target,
-                               IJBOptions(batch_size=self.cfg.eval.batch_size, progress=False))
+        try:
+            records = evaluate_ijb(embedder, release.root, release.target,
+                                   IJBOptions(batch_size=self.cfg.eval.batch_size, progress=False))
+        except (OSError, ValueError) as e:  # DataFormatError is a ValueError
+            # The layout was checked at start; what is left (an image that does not decode, a file
+            # removed since) must not turn a finished run into a failed one: final/ is saved, the
+            # error is recorded, and `fr_eval final/ --ijb DIR` can score it once the release is fixed.
+            error = f"{type(e).__name__}: " + " ".join(str(e).split())
+            log.error(f"IJB evaluation of the final model failed: {error}")
+            self._write_event({"event": "ijb_error", "time": round(time.time(), 3), "step": self.state.step,
+                               "error": error})
+            return []
         for r in records:
             self.metrics.observe_ijb(r)
             self._write_event({"event": "ijb", "time": round(time.time(), 3), "step": self.state.step, **r})
