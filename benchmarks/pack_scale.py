@@ -379,6 +379,7 @@ def main() -> None:
         print(json.dumps(result))
         return
     args.cache.mkdir(parents=True, exist_ok=True)
+    load_before = os.getloadavg()
     rows: list[dict[str, Any]] = []
     codes = [("fr_pack", args.code)] + ([("fr_pack before", args.before)] if args.before else [])
     for n in args.sizes:
@@ -463,7 +464,8 @@ def main() -> None:
               f"first line: {big['first_line']}; last line: {big['last_line']}")
     record = {"benchmark": "pack_scale", "date": datetime.date.today().isoformat(), "machine": platform.node(),
               "cpus": os.cpu_count(), "code": str(args.code), "before": str(args.before) if args.before else None,
-              "per_identity": args.per_identity, "rows": rows, "verify": verifies, "verify_big": big}
+              "per_identity": args.per_identity, "repeat": args.repeat,
+              "load_average": {"before": load_before, "after": os.getloadavg()}, "rows": rows, "verify": verifies, "verify_big": big}
     if args.json:
         args.json.write_text(json.dumps(record, indent=1) + "\n")
     print(json.dumps(record))
