@@ -316,18 +316,6 @@ def scan_identity_folders(src_dir: Path, progress: bool = False) -> IdentityFold
     return IdentityFolders(src_dir, names, np.asarray(counts, dtype=np.int64), hidden)
 
 
-def list_identity_folders(src_dir: Path) -> tuple[list[tuple[int, Path]], list[str], int]:
-    """(label, file) tasks in label order, the identity names (label = position) and hidden files ignored.
-
-    The whole list, O(images) in memory: for small trees and tests. :func:`pack_folders` streams
-    from :func:`scan_identity_folders` instead; the order and the checks are the same.
-    """
-    folders = scan_identity_folders(src_dir)
-    tasks = [(label, folders.src_dir / name / file) for label, name in enumerate(folders.names)
-             for file in folders.files(label)]
-    return tasks, folders.names, folders.hidden
-
-
 _HIGH_DEPTH_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})  # 16-bit grayscale as PIL opens it
 
 
@@ -417,15 +405,6 @@ def _shown(name: str) -> str:
 def _listing(names: Sequence[str], limit: int = 3) -> str:
     shown = ", ".join(repr(_shown(n)) for n in names[:limit])
     return shown + (", ..." if len(names) > limit else "")
-
-
-def match_landmarks(src_dir: Path, files: Sequence[Path], landmarks: FivePoints,
-                    size: int) -> tuple[list[np.ndarray], list[str]]:
-    """The 5x2 landmarks of every file (same order) and warnings; DataFormatError if any is unusable
-    (see :func:`check_landmarks`, which :func:`pack_folders` uses without a list of every file)."""
-    relative = [f.relative_to(src_dir).as_posix() for f in files]
-    warnings = check_landmarks(src_dir, relative, landmarks, size)
-    return [landmarks.points[landmarks.row_of[name]] for name in relative], warnings
 
 
 def check_landmarks(src_dir: Path, relative: Iterable[str], landmarks: FivePoints, size: int) -> list[str]:

@@ -99,11 +99,12 @@ def test_a_folder_that_changes_while_packing_is_refused(tmp_path: Path, monkeypa
     assert not (out / "train.rec").exists()
 
 
-def test_list_identity_folders_gives_the_pack_order(tmp_path: Path) -> None:
-    """The O(images) listing is kept for small trees; it is the order the streaming pack writes."""
+def test_the_identity_scan_gives_the_order_the_streaming_pack_writes(tmp_path: Path) -> None:
     src = identity_folders(tmp_path / "src", [2, 1, 3])
     (src / "id_00" / ".hidden").write_bytes(b"x")
-    tasks, names, hidden = pack.list_identity_folders(src)
+    folders = pack.scan_identity_folders(src)
+    names, hidden = folders.names, folders.hidden
+    tasks = [(label, src / name / file) for label, name in enumerate(names) for file in folders.files(label)]
     assert names == ["id_00", "id_01", "id_02"] and hidden == 1
     assert [label for label, _ in tasks] == [0, 0, 1, 2, 2, 2]
     assert pack_folders(src, tmp_path / "out", PackOptions(image_size=(16, 16), workers=2, progress=False))[
