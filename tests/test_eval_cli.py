@@ -186,3 +186,11 @@ def test_a_batch_size_below_one_is_refused_by_the_parser(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([str(tmp_path), "--bin", "x.bin", "--batch-size", "0"])
     assert "argument --batch-size: '0': must be >= 1" in capsys.readouterr().err
+
+
+def test_weights_without_model_json_or_backbone_are_a_usage_error_naming_the_flag(tmp_path, capsys):
+    weights = tmp_path / "bare.safetensors"
+    save_backbone(build_backbone("mbf", image_size=64).eval(), weights)
+    assert main([str(weights), "--bin", str(tmp_path / "x.bin"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"fr_eval: no model.json beside {weights}; pass --backbone"]

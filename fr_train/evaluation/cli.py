@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--input-std must not be 0")
 
     from data_pipeline.errors import DataFormatError
-    from fr_train.evaluation.embedders import InputNorm, ModelLoadError, load_embedder
+    from fr_train.evaluation.embedders import InputNorm, MissingBackboneError, load_embedder
     from fr_train.evaluation.runner import evaluate_verification, load_verification_set
     from fr_train.export import UnsafeWeightsError
 
@@ -83,10 +83,10 @@ def main(argv: list[str] | None = None) -> int:
         embedder = load_embedder(args.model, backbone=args.backbone, embedding_size=args.embedding_size,
                                  image_size=args.image_size, device=args.device,
                                  norm=InputNorm(args.input_mean, args.input_std, args.input_bgr))
+    except MissingBackboneError as e:  # a usage problem: the command line lacks a flag
+        print(f"fr_eval: {e}", file=sys.stderr)
+        return 2
     except (OSError, ValueError, UnsafeWeightsError) as e:  # ModelLoadError is a ValueError
-        if isinstance(e, ModelLoadError) and str(e).endswith("pass --backbone"):
-            print(f"fr_eval: {e}", file=sys.stderr)  # a usage problem: the command line lacks a flag
-            return 2
         print(f"fr_eval: error: {e}", file=sys.stderr)
         return 1
     size = embedder.image_size

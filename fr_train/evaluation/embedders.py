@@ -47,6 +47,10 @@ class ModelLoadError(ValueError):
     """The model file cannot be used as given; the message names the file and the fix."""
 
 
+class MissingBackboneError(ModelLoadError):
+    """A weights file without model.json and no ``--backbone``: the command line, not the file, lacks it."""
+
+
 def _nchw(images: np.ndarray, norm: InputNorm) -> np.ndarray:
     x = np.asarray(images)
     if x.ndim != 4 or x.shape[3] != 3:
@@ -154,7 +158,7 @@ def load_embedder(model: str | Path, *, backbone: str | None, embedding_size: in
         emb = emb or saved["embedding_size"]
         size = size or saved["image_size"]
     if name is None:
-        raise ModelLoadError(f"no model.json beside {weights}; pass --backbone")
+        raise MissingBackboneError(f"no model.json beside {weights}; pass --backbone")
     size = size or 112
     # Strict: a missing, unexpected or mis-shaped entry names the file and the backbone.
     net = load_weights(name, weights, embedding_size=emb or 512, image_size=size)
@@ -162,5 +166,5 @@ def load_embedder(model: str | Path, *, backbone: str | None, embedding_size: in
                          source=weights)
 
 
-__all__ = ["ARCFACE_INPUT", "Embedder", "InputNorm", "ModelLoadError", "OnnxEmbedder", "TorchEmbedder",
+__all__ = ["ARCFACE_INPUT", "Embedder", "InputNorm", "MissingBackboneError", "ModelLoadError", "OnnxEmbedder", "TorchEmbedder",
            "load_embedder"]
