@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import signal
 import time
@@ -231,6 +232,7 @@ def _launch_owned(cfg: TrainConfig, storage: Path, run_dir: Path) -> int:
         run_finished,
         summarize_run,
     )
+    from cluster.ray_services import start_autoscaling_coordinator
     from cluster.ray_state import set_aside_ray_snapshot
     from cluster.run_owner import clear_launch_records
     from cluster.worker import train_loop
@@ -258,9 +260,10 @@ def _launch_owned(cfg: TrainConfig, storage: Path, run_dir: Path) -> int:
     owns_ray = not ray.is_initialized()
     if owns_ray:
         if local:
-            start_local_ray()
+            dashboard = start_local_ray(cfg.run.ray_log_level)
+            log.info(f"local Ray cluster on this machine (loopback only), dashboard {dashboard}")
         else:
-            ray.init(log_to_driver=True)
+            ray.init(log_to_driver=True, logging_level=getattr(logging, cfg.run.ray_log_level))
     placement = choose_placement(cfg, ray.cluster_resources())
     check_placement(placement, cfg, local)
     if not cfg.run.num_workers:  # the size came from the cluster (else it was checked before Ray started)
@@ -271,11 +274,14 @@ def _launch_owned(cfg: TrainConfig, storage: Path, run_dir: Path) -> int:
     if aside is not None:
         log.info(f"set aside Ray Train's checkpoint list {aside.name} (fr_train resumes from its own checkpoints; "
                  "cluster/ray_state.py)")
-    log.info("resolved config:\n" + cfg.to_json())
     size = f"{cfg.run.min_workers} to {placement.num_workers} workers (elastic)" if elastic else \
         f"{placement.num_workers} worker(s)"
-    log.info(f"run {cfg.run.name}: {size}, {'GPU' if placement.use_gpu else 'CPU'}, storage {storage}")
+    # The resolved config goes to the run directory (rank 0 writes config.json), not the console:
+    # ~130 lines there pushed the run's own lines off the screen; --print-config shows it first.
+    log.info(f"run {cfg.run.name}: {size}, {'GPU' if placement.use_gpu else 'CPU'}, storage {storage}; "
+             f"config {run_dir / 'config.json'}")
 
+    start_autoscaling_coordinator()  # before any worker: Ray Train's first request finds it up
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"config": cfg.to_dict()},
@@ -337,14 +343,18 @@ def _worker_env(local: bool, use_gpu: bool) -> dict[str, object]:
     process before Ray's main loop (Ray Train's worker_runtime_env does not export a setup hook by
     itself, only ray.init does, so it is exported the way ray.init does it); on a local cluster,
     gloo and NCCL bind the loopback interface. DeepSpeed is told the accelerator the placement chose
-    (DS_ACCELERATOR) instead of guessing it, which warned "Setting accelerator to CPU" on every rank."""
+    (DS_ACCELERATOR) instead of guessing it, which warned "Setting accelerator to CPU" on every rank.
+    Ray Train's print patch is off (RAY_TRAIN_ENABLE_PRINT_PATCH=0): it sends every ``print`` to the
+    root logger, around any ``redirect_stdout``, so DeepSpeed's "... built successfully" reached the
+    console once per rank although build_engine captures it; fr_train prints through its logger."""
     from ray._private.runtime_env.setup_hook import export_setup_func_module
 
     from cluster.local_cluster import LOOPBACK_SOCKET_ENV
 
     hook = "cluster.preemption.defer_sigterm"
     env = dict(export_setup_func_module({"worker_process_setup_hook": hook}, hook))
-    env_vars = {**dict(env.get("env_vars") or {}), "DS_ACCELERATOR": "cuda" if use_gpu else "cpu"}  # type: ignore[arg-type]
+    env_vars = {**dict(env.get("env_vars") or {}), "DS_ACCELERATOR": "cuda" if use_gpu else "cpu",  # type: ignore[arg-type]
+                "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
     if local:
         env_vars.update(LOOPBACK_SOCKET_ENV)
     env["env_vars"] = env_vars

@@ -24,6 +24,17 @@ torch.distributed listen on every interface (measured with psutil, 2026-12-03: 1
 A run that joins a cluster (``RAY_ADDRESS``, ``ray job submit``) is untouched: multi-node clusters
 keep Ray's and torch's defaults, and README's trusted-network and token advice.
 
+What a local cluster prints: Ray's driver logger (``ray.init(logging_level=...)``) at
+``run.ray_log_level``. Token authentication is Ray 2.60's default for a new local cluster and
+fr_train keeps it; Ray warns at every start that it enabled it, which for a cluster fr_train made
+for itself is no news: that one logger is raised to ERROR unless Ray's lines were asked for
+(``RAY_AUTH_MODE`` itself cannot be set here: a driver that imported Ray caches the mode, and its
+client then lacks the token the cluster requires). Ray Train's ``PreemptionWatcher`` is not started (``RAY_TRAIN_ENABLE_PREEMPTION_
+WATCHER=0``): it watches for drained nodes, and the one node of a local cluster cannot be drained
+without the driver on it going too; it also logged an error-level line at every worker group start
+(a restartable actor given actor handles as constructor arguments, Ray's own code). A cluster run
+keeps it: there a drain notice is a spot reclaim, answered with a checkpoint.
+
 The State API (which Ray Train's placement-group cleaner polls from inside the cluster) finds its
 server by ``RAY_API_SERVER_ADDRESS`` first, else by scanning this machine's processes for Ray
 instances: with two local runs on one machine that scan raises ``Found multiple active Ray
@@ -47,6 +58,9 @@ from ray.train.torch import TorchConfig
 LOOPBACK = "127.0.0.1"
 SINGLE_MACHINE_RAY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 API_SERVER_ADDRESS = "RAY_API_SERVER_ADDRESS"
+# Inherited by every process of a local cluster (see the module docstring); a value the user set wins.
+LOCAL_CLUSTER_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+TOKEN_NOTICE_LOGGER = "ray._private.authentication.authentication_token_setup"
 # The interface gloo and NCCL bind in a local run's workers.
 LOOPBACK_SOCKET_ENV = {"GLOO_SOCKET_IFNAME": "lo", "NCCL_SOCKET_IFNAME": "lo"}
 
@@ -57,11 +71,18 @@ def _free_loopback_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_local_ray() -> None:
-    """``ray.init`` a new cluster of this machine only, every Ray listener on 127.0.0.1."""
+def start_local_ray(log_level: str) -> str:
+    """``ray.init`` a new cluster of this machine only, every Ray listener on 127.0.0.1; Ray's
+    driver lines at ``log_level``. Returns the dashboard's URL."""
+    import logging
+
     import ray
 
     os.environ[SINGLE_MACHINE_RAY] = "0"
+    for key, value in LOCAL_CLUSTER_ENV.items():
+        os.environ.setdefault(key, value)
+    if getattr(logging, log_level) >= logging.WARNING:
+        logging.getLogger(TOKEN_NOTICE_LOGGER).setLevel(logging.ERROR)
     constants = sys.modules.get("ray._private.ray_constants")
     if constants is not None:  # imported before the variable was set: it holds the default
         constants.ENABLE_RAY_CLUSTER = False  # type: ignore[attr-defined]
@@ -70,7 +91,9 @@ def start_local_ray() -> None:
     # A local cluster keeps its dashboard: Ray Train's placement-group cleaner queries the State API
     # it serves, and logs a failure every few seconds without it.
     ray.init(log_to_driver=True, _node_ip_address=LOOPBACK, include_dashboard=True, dashboard_host=LOOPBACK,
-             dashboard_port=port)
+             dashboard_port=port, logging_level=getattr(logging, log_level))
+    return f"http://{LOOPBACK}:{port}"
+
 
 
 @dataclass

@@ -93,7 +93,8 @@ def run_finished(run_dir: Path) -> bool:
 
 
 def summarize_run(run_dir: Path) -> str:
-    """One line on how the run ended, from rank 0's JSON-lines log."""
+    """How the run ended, from rank 0's JSON-lines log: what it reached, then where the model, the
+    log and the curves are and the one command that shows the curves (one line each)."""
     from fr_train.train.records import LOG_NAME, read_events
     from fr_train.train.tensorboard_sink import TENSORBOARD_DIR
 
@@ -103,7 +104,7 @@ def summarize_run(run_dir: Path) -> str:
     end = next((r for r in reversed(records) if r.get("event") == "end"), None)
     if end is None:
         return f"run finished without an end record; see {log_path}"
-    parts = [f"finished {end['step']} steps; model in {end['final_dir']}"]
+    parts = [f"finished {end['step']} steps"]
     for name in dict.fromkeys(r["set"] for r in evals):
         first = next(r for r in evals if r["set"] == name)
         last = [r for r in evals if r["set"] == name][-1]
@@ -117,7 +118,7 @@ def summarize_run(run_dir: Path) -> str:
             parts.append(f"{r['set']} 1:1: TAR@FAR=1e-4 {r['tar_at_far']['0.0001']:.4f}, 1e-3 {r['tar_at_far']['0.001']:.4f}")
         else:
             parts.append(f"{r['set']} 1:N: rank-1 {r['rank1']:.4f}")
-    parts.append(f"log {log_path}")
+    lines = ["; ".join(parts), f"model {end['final_dir']}", f"log {log_path}"]
     if (run_dir / TENSORBOARD_DIR).is_dir():
-        parts.append(f"curves: tensorboard --logdir {run_dir.parent}")
-    return "; ".join(parts)
+        lines.append(f"curves {run_dir / TENSORBOARD_DIR}: tensorboard --logdir {run_dir.parent}")
+    return "\n".join(lines)

@@ -179,7 +179,9 @@ class RunSettings:
     max_failures: int = 3
     cpus_per_worker: int = 1
     ray_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
-    """Ray Train's own log level on the console (INFO adds its line per reported result)."""
+    """Ray's and DeepSpeed's lines on the console. At WARNING (the default) a run prints fr_train's
+    lines only; INFO brings back Ray's driver lines (token notice, "Started a local Ray instance"),
+    Ray Train's line per reported result and DeepSpeed's prints while its engine starts."""
     placement_timeout_s: float = 600.0
     """On a cluster fr_train joins (`ray job submit`, RAY_ADDRESS): how long to wait, with a message,
     for room for every worker (an autoscaler adding nodes) before failing. A local cluster cannot

@@ -27,7 +27,8 @@ class _Stdout(logging.Handler):
 class _Format(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         level = "" if record.levelno < logging.WARNING else f"{record.levelname.lower()}: "
-        return f"[fr_train] {level}{record.getMessage()}"
+        # Every line of a multi-line message is an fr_train line (the console reads as one stream).
+        return "\n".join(f"[fr_train] {level}{line}" for line in record.getMessage().splitlines() or [""])
 
 
 def setup_console(level: int = logging.INFO) -> logging.Logger:

@@ -1,7 +1,9 @@
 """A local run listens on loopback only: every listening socket of a plain `fr_train`'s processes
 (the driver, the Ray cluster it starts, the Ray Train workers) is on 127.0.0.1, ::1 or
 ::ffff:127.0.0.1, sampled while the run trains. Before cluster/local_cluster.py (2026-12-03):
-11 listeners on 0.0.0.0, :: and the LAN address (Ray's gRPC servers, torch's TCPStore)."""
+11 listeners on 0.0.0.0, :: and the LAN address (Ray's gRPC servers, torch's TCPStore). The same run's
+console holds fr_train's lines only (before, 2026-12-03: Ray's token notice, Ray Train's
+PreemptionWatcher error line and resource-request warning, DeepSpeed's op-build line per rank)."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from tests.console_lines import foreign_lines
 from tests.test_gpu_configuration_on_cpu import TINY
 from tests.test_train_e2e import _env
 
@@ -125,3 +128,5 @@ def _run_and_sample(tmp_path: Path) -> None:
     assert sum("RayTrainWorker" in w for w in seen.values()) >= 2, seen
     assert not_on_loopback(seen) == [], "\n".join(not_on_loopback(seen))
     assert "Found multiple active Ray instances" not in console
+    # The same run's console is fr_train's lines only (issue 25): no line of Ray's or DeepSpeed's.
+    assert foreign_lines(console) == [], "\n".join(foreign_lines(console))

@@ -274,7 +274,9 @@ def test_a_pruned_stopped_or_killed_run_resumes_in_the_next_launch(
     rc, out = _Launch(_command(storage, cache, "--max-steps", "2", "--resume", "never", "--overwrite"),
                       _env(tmp_path), tmp_path / "l5.log").finish()
     assert rc == 0, out[-3000:]
-    assert _fr_lines(out)[-1] == (f"[fr_train] finished 2 steps; model in {run_dir / 'final'}; log "
-                                  f"{run_dir / 'train_log.jsonl'}; curves: tensorboard --logdir {storage}"), out[-3000:]
+    assert _fr_lines(out)[-4:] == [
+        "[fr_train] finished 2 steps", f"[fr_train] model {run_dir / 'final'}",
+        f"[fr_train] log {run_dir / 'train_log.jsonl'}",
+        f"[fr_train] curves {run_dir / 'tensorboard'}: tensorboard --logdir {storage}"], out[-3000:]
     records = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines() if line.strip()]
     assert [r["event"] for r in records].count("start") == 1 and "resumed from" not in out

@@ -176,10 +176,11 @@ def backbone_optimizer(params: Iterable[torch.nn.Parameter], name: str, lr: floa
 
 
 def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict[str, Any],
-                 device: torch.device) -> Any:
+                 device: torch.device, *, show_prints: bool = False) -> Any:
     """``deepspeed.initialize`` on a module moved to ``device`` with contiguous parameters (see the
     module docstring: DeepSpeed's broadcast and ZeRO's flat buffers need them); DeepSpeed itself
-    casts the module to fp16 (bf16 stays float32 under autocast)."""
+    casts the module to fp16 (bf16 stays float32 under autocast). What DeepSpeed prints meanwhile
+    is logged at debug level, or printed as it was with ``show_prints`` (run.ray_log_level INFO)."""
     import deepspeed
 
     from fr_train.train.build_locks import clear_abandoned_build_locks
@@ -196,7 +197,10 @@ def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_co
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
                                                dist_init_required=False)
     for line in printed.getvalue().splitlines():
-        log.debug(f"deepspeed: {line}")
+        if show_prints:
+            print(line)
+        else:
+            log.debug(f"deepspeed: {line}")
     return engine
 
 

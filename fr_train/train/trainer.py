@@ -175,7 +175,8 @@ class Trainer(CheckpointingMixin, RecordsMixin):
         opt = eng.backbone_optimizer(backbone.parameters(), o.name, base_lr, o.momentum, o.weight_decay)
         ds_config = eng.deepspeed_config(self.format, micro_batch=self.plan.micro_batch, grad_accum=self.plan.grad_accum,
                                          clip_grad_norm=o.clip_grad_norm, zero_stage=cfg.run.zero_stage)
-        self.engine = eng.build_engine(backbone, opt, ds_config, self.device)
+        self.engine = eng.build_engine(backbone, opt, ds_config, self.device,
+                                       show_prints=cfg.run.ray_log_level in ("DEBUG", "INFO"))
         # At ZeRO 0 fr_train clips (one foreach norm), else DeepSpeed does (engine.clips_outside_deepspeed).
         self.clip_norm = o.clip_grad_norm if eng.clips_outside_deepspeed(self.format, cfg.run.zero_stage) else 0.0
         self.grad_norm: torch.Tensor | float | None = None  # the last step's, before clipping
@@ -416,7 +417,8 @@ class Trainer(CheckpointingMixin, RecordsMixin):
                 export_onnx(model.cpu(), out / "backbone.onnx", image_size=self.image_size[0])
             self._write_event({"event": "end", "step": self.state.step, "eval": last_eval, "final_dir": str(out),
                                **({"ijb": ijb} if ijb else {})})
-            log.info(f"done: {self.state.step} steps; model in {out}")
+            # At debug level: the driver prints the run's summary from the log (one summary, not two).
+            log.debug(f"done: {self.state.step} steps; model in {out}")
         flat = {f"eval/{name}/{k}": v for name, r in last_eval.items() for k, v in r.items()
                 if isinstance(v, int | float)}
         self.report({"step": self.state.step, "done": 1, **flat}, self._checkpoint_to_report())
