@@ -144,7 +144,8 @@ def _scrape_job(cfg: dict[str, Any], name: str) -> dict[str, Any]:
 
 
 def derive_test_prometheus_config(
-    ops_cfg: dict[str, Any], *, pushgateway: str, workers_sd: Path, ray_sd: Path, rules: Path, prometheus: str,
+    ops_cfg: dict[str, Any], *, pushgateway: str, workers_sd: Path, gpus_sd: Path, ray_sd: Path, rules: Path,
+    prometheus: str,
 ) -> dict[str, Any]:
     """The ops config with local targets and 1 s intervals: same jobs, same options, so what is
     tested is what ships."""
@@ -154,6 +155,7 @@ def derive_test_prometheus_config(
     cfg["rule_files"] = [str(rules)]
     _scrape_job(cfg, "pushgateway")["static_configs"] = [{"targets": [pushgateway]}]
     _scrape_job(cfg, "fr_train_workers")["file_sd_configs"] = [{"files": [str(workers_sd)], "refresh_interval": "1s"}]
+    _scrape_job(cfg, "dcgm")["file_sd_configs"] = [{"files": [str(gpus_sd)], "refresh_interval": "1s"}]
     _scrape_job(cfg, "ray")["file_sd_configs"] = [{"files": [str(ray_sd)], "refresh_interval": "1s"}]
     _scrape_job(cfg, "prometheus")["static_configs"] = [{"targets": [prometheus]}]
     return cfg
@@ -219,6 +221,12 @@ def _start(name: str, argv: list[str], log: Path, ready_url: str, timeout: float
     return p
 
 
+def _write_file_sd(path: Path, groups: list[dict[str, Any]]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(groups))
+    tmp.replace(path)  # atomic, so Prometheus never reads half a file
+
+
 @dataclass
 class MonitoringStack:
     """A running Pushgateway + Prometheus pair on 127.0.0.1 using the test copy of ops/."""
@@ -228,15 +236,18 @@ class MonitoringStack:
     config_path: Path
     rules_path: Path
     workers_sd: Path
+    gpus_sd: Path
     promtool: str
     rules: dict[str, Any]
     processes: list[_Process] = field(default_factory=list)
 
     def set_worker_targets(self, targets: list[str]) -> None:
         """Workers serving /metrics themselves, as the ops file_sd file lists them."""
-        tmp = self.workers_sd.with_suffix(".tmp")
-        tmp.write_text(json.dumps([{"targets": targets}]))
-        tmp.replace(self.workers_sd)  # atomic, so Prometheus never reads half a file
+        _write_file_sd(self.workers_sd, [{"targets": targets}])
+
+    def set_gpu_targets(self, groups: list[dict[str, Any]]) -> None:
+        """dcgm-exporter endpoints, as ops/prometheus/gpus.json lists them (file_sd target groups)."""
+        _write_file_sd(self.gpus_sd, groups)
 
     def pushgateway_groups(self) -> list[dict[str, str]]:
         """Grouping labels of every group the Pushgateway holds."""
@@ -263,12 +274,12 @@ def start_monitoring_stack(workdir: Path) -> MonitoringStack:
         rules = derive_test_rules(yaml.safe_load(OPS_ALERTS.read_text()), STALL_AFTER_S)
         rules_path = workdir / "alerts.test.yml"
         rules_path.write_text(yaml.safe_dump(rules, sort_keys=False))
-        workers_sd, ray_sd = workdir / "workers.json", workdir / "ray_sd.json"
-        workers_sd.write_text("[]")
-        ray_sd.write_text("[]")
+        workers_sd, gpus_sd, ray_sd = workdir / "workers.json", workdir / "gpus.json", workdir / "ray_sd.json"
+        for sd in (workers_sd, gpus_sd, ray_sd):
+            sd.write_text("[]")
         cfg = derive_test_prometheus_config(
             yaml.safe_load(OPS_PROMETHEUS.read_text()), pushgateway=pg_addr, workers_sd=workers_sd,
-            ray_sd=ray_sd, rules=rules_path, prometheus=prom_addr,
+            gpus_sd=gpus_sd, ray_sd=ray_sd, rules=rules_path, prometheus=prom_addr,
         )
         config_path = workdir / "prometheus.test.yml"
         config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -289,7 +300,7 @@ def start_monitoring_stack(workdir: Path) -> MonitoringStack:
         raise
     return MonitoringStack(
         pushgateway_url=f"http://{pg_addr}", prometheus=prom,
-        config_path=config_path, rules_path=rules_path, workers_sd=workers_sd, promtool=bins["promtool"],
+        config_path=config_path, rules_path=rules_path, workers_sd=workers_sd, gpus_sd=gpus_sd, promtool=bins["promtool"],
         rules=rules, processes=processes,
     )
 

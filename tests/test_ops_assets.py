@@ -9,12 +9,17 @@ job stops stepping and clears when the run finishes cleanly.
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import json
 import re
 import socket
 import subprocess
+import sys
+import threading
 from collections.abc import Iterator
 from datetime import UTC
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -41,29 +46,89 @@ from tests.monitoring import (
 
 RUN = "ops-test-run"
 SERVED_RUN = "ops-served-run"
+RUN_HOST = socket.gethostname()
+OTHER_HOST = "127.0.0.1"  # the second GPU node: its file_sd entry sets no host, so the relabel takes its address
+# (gpu, utilisation %, frame buffer used MiB, power W, SM clock MHz) of each node's GPUs.
+RUN_HOST_GPUS = [(0, 73.0, 40960.0, 612.5, 1980.0), (1, 41.0, 1024.0, 310.0, 1755.0)]
+OTHER_HOST_GPUS = [(0, 99.0, 80000.0, 700.0, 1410.0)]
+GPU_PANELS = {"GPU utilisation": (1, 1.0), "GPU memory used": (2, 2.0**20), "GPU power": (3, 1.0),
+              "SM clock": (4, 1e6)}
+"""Panel title: (field of the tuples above, the panel's unit conversion)."""
 OPS = ROOT / "ops"
 GRAFANA_PROVISIONING = OPS / "grafana" / "provisioning"
 RATE_INTERVAL = "1m"
 """What Grafana's $__rate_interval becomes here: a window that covers the (seconds-long) run."""
 
 
+def dcgm_exposition(gpus: list[tuple[int, float, float, float, float]], exporter_hostname: str) -> str:
+    """A /metrics page as dcgm-exporter (4.x) writes it: HELP/TYPE lines, its labels per GPU. Its own
+    ``Hostname`` label is the exporter's container name here, as under Docker without host
+    networking, which is why the dashboard joins on the scrape's ``host`` label instead."""
+    fields = [("DCGM_FI_DEV_GPU_UTIL", "GPU utilization (in %)."),
+              ("DCGM_FI_DEV_FB_USED", "Framebuffer memory used (in MiB)."),
+              ("DCGM_FI_DEV_POWER_USAGE", "Power draw (in W)."),
+              ("DCGM_FI_DEV_SM_CLOCK", "SM clock frequency (in MHz).")]
+    lines = []
+    for i, (name, help_text) in enumerate(fields, start=1):
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge"]
+        for gpu in gpus:
+            labels = (f'gpu="{gpu[0]}",UUID="GPU-{gpu[0]:08d}-0000-0000-0000-000000000000",'
+                      f'pci_bus_id="00000000:{gpu[0] + 0x18:02X}:00.0",device="nvidia{gpu[0]}",'
+                      f'modelName="NVIDIA H200",Hostname="{exporter_hostname}",DCGM_FI_DRIVER_VERSION="580.95.05"')
+            lines.append(f"{name}{{{labels}}} {gpu[i]:g}")
+    return "\n".join(lines) + "\n"
+
+
+@contextlib.contextmanager
+def serving(text: str) -> Iterator[int]:
+    """``text`` served at http://127.0.0.1:PORT/metrics (Prometheus's text format) while inside."""
+    body = text.encode()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; version=0.0.4")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 @pytest.fixture(scope="module")
 def job(monitoring_stack: MonitoringStack, tmp_path_factory: pytest.TempPathFactory,  # noqa: F811
         ) -> Iterator[tuple[RunMetrics, JobSummary]]:
     """The training job pushing to the Pushgateway, plus a second run served on /metrics and
-    listed in the workers file_sd (so the worker-endpoint rule has its `up` series)."""
-    served = RunMetrics(MetricsConfig(port=free_port()), SERVED_RUN, "raysubmit_served", 0, 1, socket.gethostname())
+    listed in the workers file_sd (so the worker-endpoint rule has its `up` series), and two GPU
+    nodes' dcgm-exporter pages: the run's host (named in its file_sd entry) and another node."""
+    served = RunMetrics(MetricsConfig(port=free_port()), SERVED_RUN, "raysubmit_served", 0, 1, RUN_HOST)
     host, port = served.server_address  # type: ignore[misc]
     monitoring_stack.set_worker_targets([f"{host}:{port}"])
-    metrics, summary = run_job_pushing_to(monitoring_stack, tmp_path_factory.mktemp("job"), RUN, "raysubmit_ops",
-                                          socket.gethostname())
-    try:
-        wait_until(lambda: monitoring_stack.prometheus.query('up{job="fr_train_workers"} == 1'), 20,
-                   "Prometheus to scrape the served worker")
-        yield metrics, summary
-    finally:
-        metrics.close(clean=True)
-        served.close(clean=True)
+    with serving(dcgm_exposition(RUN_HOST_GPUS, "3f2a9c0d1b7e")) as run_node, \
+            serving(dcgm_exposition(OTHER_HOST_GPUS, "8c41d2e07a55")) as other_node:
+        monitoring_stack.set_gpu_targets([{"targets": [f"127.0.0.1:{run_node}"], "labels": {"host": RUN_HOST}},
+                                          {"targets": [f"{OTHER_HOST}:{other_node}"]}])
+        metrics, summary = run_job_pushing_to(monitoring_stack, tmp_path_factory.mktemp("job"), RUN, "raysubmit_ops",
+                                              RUN_HOST)
+        try:
+            wait_until(lambda: monitoring_stack.prometheus.query('up{job="fr_train_workers"} == 1'), 20,
+                       "Prometheus to scrape the served worker")
+            wait_until(lambda: len(monitoring_stack.prometheus.query('up{job="dcgm"} == 1')) == 2, 20,
+                       "Prometheus to scrape both dcgm-exporter pages")
+            yield metrics, summary
+        finally:
+            metrics.close(clean=True)
+            served.close(clean=True)
 
 
 def dashboard() -> dict[str, Any]:
@@ -208,6 +273,35 @@ def test_every_dashboard_query_returns_data_for_a_run(
     assert not empty, "dashboard queries without data:\n  " + "\n  ".join(empty)
 
 
+def test_the_gpu_row_shows_every_gpu_of_the_runs_host_and_no_other_nodes(
+    monitoring_stack: MonitoringStack, job: tuple[RunMetrics, JobSummary],  # noqa: F811
+) -> None:
+    prom = monitoring_stack.prometheus
+    # The scrape's host label: the file_sd entry's own, else the target's address without the port.
+    assert sorted(r["metric"]["host"] for r in prom.query('up{job="dcgm"}')) == sorted([RUN_HOST, OTHER_HOST])
+    panels = {p["title"]: p for p in dashboard()["panels"]}
+    for title, (field, scale) in GPU_PANELS.items():
+        (target,) = panels[title]["targets"]
+        got = {(r["metric"]["host"], r["metric"]["gpu"]): float(r["value"][1])
+               for r in prom.query(grafana_to_promql(target["expr"], RUN))}
+        assert got == {(RUN_HOST, str(g[0])): g[field] * scale for g in RUN_HOST_GPUS}, title
+        assert "{{host}}" in target["legendFormat"] and "{{gpu}}" in target["legendFormat"], title
+
+
+def test_rays_train_dashboard_is_generated_for_provisioning_and_linked(tmp_path: Path) -> None:
+    written = subprocess.run([sys.executable, str(ROOT / "scripts" / "ray_dashboards.py"), str(tmp_path)],
+                             capture_output=True, text=True, timeout=120, check=True).stdout
+    train = json.loads((tmp_path / "ray_train.json").read_text())
+    assert train["uid"] == "rayTrainDashboard" and "(uid rayTrainDashboard)" in written
+    assert any("ray_train_" in t.get("expr", "") for p in train["panels"] for t in p.get("targets", []))
+    (link,) = [link for link in dashboard()["links"] if "Ray Train" in link["title"]]
+    assert link["url"] == f"/d/{train['uid']}"
+    prov = yaml.safe_load((GRAFANA_PROVISIONING / "dashboards" / "ray.yml").read_text())
+    (provider,) = prov["providers"]
+    readme = (OPS / "README.md").read_text()
+    assert provider["options"]["path"] in readme and "scripts/ray_dashboards.py" in readme
+
+
 def test_dashboard_template_variables_list_the_run_and_its_rank(
     monitoring_stack: MonitoringStack, job: tuple[RunMetrics, JobSummary],  # noqa: F811
 ) -> None:
@@ -290,5 +384,5 @@ def _parse_rfc3339(ts: str) -> float:
 def test_ops_readme_explains_how_to_start_point_and_import() -> None:
     readme = (OPS / "README.md").read_text()
     for needle in ("prometheus-pushgateway", "--config.file", "metrics.pushgateway=", "metrics.port=",
-                   "fr_train.json", "install_monitoring.sh"):
+                   "fr_train.json", "install_monitoring.sh", "dcgm-exporter", "gpus.json"):
         assert needle in readme, f"ops/README.md does not mention {needle!r}"
